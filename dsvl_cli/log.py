@@ -16,7 +16,7 @@ def _rank() -> int:
 
 
 class _RankZeroFilter(logging.Filter):
-    """Drops records on ranks other than 0 unless the record asks to be kept (extra={'all_ranks': True})."""
+    """Drop records on ranks other than 0 unless `extra={"all_ranks": True}` keeps them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return _rank() == 0 or getattr(record, "all_ranks", False)

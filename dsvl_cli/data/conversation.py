@@ -64,7 +64,9 @@ class Conversation:
     def rounds(self) -> list[tuple[Message, Message | None]]:
         """(user, assistant) pairs; the last assistant is None for an open generation prompt."""
         msgs = self.messages
-        return [(msgs[i], msgs[i + 1] if i + 1 < len(msgs) else None) for i in range(0, len(msgs), 2)]
+        return [
+            (msgs[i], msgs[i + 1] if i + 1 < len(msgs) else None) for i in range(0, len(msgs), 2)
+        ]
 
     def validate(self, allow_open: bool = False) -> None:
         """Raise DataError if roles do not alternate, texts are empty, or counts differ.
@@ -85,14 +87,16 @@ class Conversation:
             if not msg.content.strip() and msg.num_images == 0:
                 raise DataError(f"{where}: message {i} ({msg.role}) is empty")
             if msg.role == "assistant" and msg.num_images:
-                raise DataError(f"{where}: message {i} is an assistant turn with {IMAGE_PLACEHOLDER}")
+                raise DataError(
+                    f"{where}: message {i} is an assistant turn with {IMAGE_PLACEHOLDER}"
+                )
         if self.messages[-1].role != "assistant" and not allow_open:
             raise DataError(f"{where}: the last message must be the assistant's answer")
         placeholders = sum(m.num_images for m in self.messages)
         if placeholders != len(self.images):
             raise DataError(
-                f"{where}: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(self.images)} "
-                "image(s); each image needs exactly one placeholder in a user turn"
+                f"{where}: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but "
+                f"{len(self.images)} image(s); each image needs one placeholder in a user turn"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,12 +114,14 @@ class Conversation:
 
     @classmethod
     def from_dict(cls, record: dict[str, Any], where: str = "record") -> Conversation:
-        """Build from a JSON record; raise DataError naming `where` if fields are missing or wrong."""
+        """Build from a JSON record; raise DataError naming `where` if a field is wrong."""
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         raw = record.get("messages")
         if not isinstance(raw, list):
-            raise DataError(f"{where}: field 'messages' must be a list of {{role, content}} objects")
+            raise DataError(
+                f"{where}: field 'messages' must be a list of {{role, content}} objects"
+            )
         try:
             messages = [Message(role=m["role"], content=str(m["content"])) for m in raw]
         except (KeyError, TypeError) as err:
@@ -141,7 +147,7 @@ def write_jsonl(path: str | Path, conversations: list[Conversation]) -> None:
 
 
 def read_jsonl(path: str | Path) -> Iterator[Conversation]:
-    """Yield conversations from a prepared JSONL file; a bad line raises DataError with its number."""
+    """Yield conversations from a prepared JSONL file; a bad line raises DataError naming it."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
