@@ -70,3 +70,21 @@ def test_config_errors_exit_2_with_one_message() -> None:
 def test_missing_recipe_exit_2(tmp_path: Path) -> None:
     result = run("train", str(tmp_path / "none.yaml"), "--dry-run")
     assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_prepare_data_synthetic_is_deterministic(tmp_path: Path) -> None:
+    import hashlib
+
+    def digest(folder: Path) -> dict[str, str]:
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        return {
+            str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+        }
+
+    for name in ("a", "b"):
+        result = run("prepare-data", "synthetic", "--out", str(tmp_path / name), "--num", "30")
+        assert result.returncode == 0, result.stderr
+    first, second = digest(tmp_path / "a"), digest(tmp_path / "b")
+    assert first == second
+    assert {"train.jsonl", "eval.jsonl", "manifest.json"} <= set(first)
+    assert any(name.startswith("images/") for name in first)

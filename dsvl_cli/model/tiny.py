@@ -8,6 +8,8 @@ deterministic for a given seed: the same arguments give byte-identical files.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from dsvl_cli.data.template import ANSWER_HEADER, IMAGE_MARKER, QUESTION_HEADER, SYSTEM_PROMPT
 from dsvl_cli.log import get_logger
@@ -91,6 +94,18 @@ def train_tiny_tokenizer(
     return tokenizer
 
 
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Hide transformers' per-shard progress bars while saving tiny models (noise in CLI output)."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def build_tiny_lm(
     out_dir: Path,
     tokenizer: PreTrainedTokenizerFast,
@@ -123,7 +138,8 @@ def build_tiny_lm(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    with _no_progress_bars():
+        model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     log.debug("saved a tiny LM (%d params) to %s", model.num_parameters(), out_dir)
 
@@ -167,6 +183,7 @@ def build_tiny_clip(
         do_convert_rgb=True,
     )
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    with _no_progress_bars():
+        model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     log.debug("saved a tiny CLIP vision tower (%d params) to %s", model.num_parameters(), out_dir)

@@ -1,0 +1,422 @@
+"""The synthetic "shapes" task: a small multi-image, multi-round VQA dataset drawn with PIL.
+
+It backs the CPU demo recipe (`recipes/tiny.yaml`) and the tests. Images show one or two large,
+well-separated shapes (circle, square, triangle) in vivid colours on a plain light background;
+within one image the shape types and the colours are distinct, so every question has exactly
+one short answer. Question types (`meta["type"]`; the exact answer is `meta["answer"]`):
+
+- `single`: one image, "What colour is the {shape}?" -> colour, or (`meta["kind"] == "shape"`)
+  "Which shape is {colour}?" -> shape.
+- `two_image`: two images, "Which image has a {colour} {shape}, the first or the second?" ->
+  "the first" / "the second"; exactly one image has it, answers are balanced.
+- `multi_round`: round 1 asks a colour about image 1, round 2 brings image 2 and asks either the
+  colour of a shape in it (`kind == "colour"`) or which image has a given shape (`kind == "which"`).
+  Every assistant turn is supervised; `meta["answer"]` is the last one.
+
+`meta["scenes"]` records every drawn shape (type, colour, pixel box) per image, so answers can be
+checked against the pixels. Output is byte-identical for a given seed and arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from random import Random
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message, write_jsonl
+from dsvl_cli.errors import DataError
+from dsvl_cli.log import get_logger
+
+log = get_logger(__name__)
+
+GENERATOR = "dsvl-synthetic-shapes"
+GENERATOR_VERSION = 1  # bump whenever the same seed would draw different files
+SOURCE = "synthetic"
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 0, 0),
+    "green": (0, 170, 0),
+    "blue": (0, 0, 230),
+    "yellow": (255, 215, 0),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+BACKGROUND = (240, 240, 240)
+QUESTION_TYPES: tuple[str, ...] = ("single", "two_image", "multi_round")
+DEFAULT_MIX: dict[str, float] = {"single": 0.4, "two_image": 0.4, "multi_round": 0.2}
+SHAPE_QUESTION_FRACTION = 0.3  # share of `single` samples asking "Which shape is {colour}?"
+ANSWERS_BY_INDEX = ("the first", "the second")
+OUTPUT_ENTRIES = frozenset({"images", "models", "train.jsonl", "eval.jsonl", "manifest.json"})
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One drawn shape; `box` is (x0, y0, x1, y1) in pixels, inclusive."""
+
+    kind: str
+    colour: str
+    box: tuple[int, int, int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": self.kind, "colour": self.colour, "box": list(self.box)}
+
+
+Scene = tuple[Shape, ...]
+Draft = tuple[list[str], list[Scene], str]  # (alternating user/assistant texts, scenes, kind)
+
+
+def _layout(rng: Random, size: int, count: int) -> list[tuple[int, int, int, int]]:
+    """Boxes for `count` shapes: one large centred shape, or two side by side (left, right)."""
+    slot = size if count == 1 else size // 2
+    side = round(size * (0.6 if count == 1 else 0.4))
+    # Small jitter keeps a margin inside the slot, so shapes never touch each other or the edge.
+    jitter = max(0, min(size // 16, (slot - side) // 2 - 1))
+    boxes = []
+    for index in range(count):
+        cx = slot * index + slot // 2 + rng.randint(-jitter, jitter)
+        cy = size // 2 + rng.randint(-jitter, jitter)
+        x0, y0 = cx - side // 2, cy - side // 2
+        boxes.append((x0, y0, x0 + side - 1, y0 + side - 1))
+    return boxes
+
+
+def random_scene(rng: Random, size: int, exclude: tuple[str, str] | None = None) -> Scene:
+    """Draw 1-2 shapes with distinct types and colours.
+
+    Args:
+        rng: the generator's random source.
+        size: image side in pixels.
+        exclude: a (colour, shape) pair the scene must not contain.
+    """
+    count = rng.choice((1, 2))
+    kinds = rng.sample(SHAPES, count)
+    colours = rng.sample(list(COLOURS), count)
+    pairs = list(zip(colours, kinds, strict=True))
+    if exclude is not None and exclude in pairs:
+        free = [c for c in COLOURS if c not in colours]
+        pairs[pairs.index(exclude)] = (rng.choice(free), exclude[1])
+    rng.shuffle(pairs)
+    boxes = _layout(rng, size, count)
+    return tuple(Shape(kind, colour, box) for (colour, kind), box in zip(pairs, boxes, strict=True))
+
+
+def draw_scene(scene: Scene, size: int) -> Image.Image:
+    """Render a scene as an RGB image (no anti-aliasing: shape pixels have the exact colour)."""
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for shape in scene:
+        fill = COLOURS[shape.colour]
+        x0, y0, x1, y1 = shape.box
+        if shape.kind == "circle":
+            draw.ellipse(shape.box, fill=fill)
+        elif shape.kind == "square":
+            draw.rectangle(shape.box, fill=fill)
+        else:
+            draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    return image
+
+
+def _which_question(target: Shape) -> str:
+    return f"Which image has a {target.colour} {target.kind}, the first or the second?"
+
+
+def _which_scenes(rng: Random, size: int, answer_index: int) -> tuple[list[Scene], Shape]:
+    """Two scenes of which exactly the one at `answer_index` holds the returned target shape."""
+    holder = random_scene(rng, size)
+    target = rng.choice(holder)
+    other = random_scene(rng, size, exclude=(target.colour, target.kind))
+    scenes = [holder, other] if answer_index == 0 else [other, holder]
+    return scenes, target
+
+
+def _single(rng: Random, size: int, answer_index: int) -> Draft:
+    scene = random_scene(rng, size)
+    target = rng.choice(scene)
+    if rng.random() < SHAPE_QUESTION_FRACTION:
+        turns = [f"{IMAGE_PLACEHOLDER}\nWhich shape is {target.colour}?", target.kind]
+        return turns, [scene], "shape"
+    turns = [f"{IMAGE_PLACEHOLDER}\nWhat colour is the {target.kind}?", target.colour]
+    return turns, [scene], "colour"
+
+
+def _two_image(rng: Random, size: int, answer_index: int) -> Draft:
+    scenes, target = _which_scenes(rng, size, answer_index)
+    question = f"{IMAGE_PLACEHOLDER}\n{IMAGE_PLACEHOLDER}\n{_which_question(target)}"
+    return [question, ANSWERS_BY_INDEX[answer_index]], scenes, "which"
+
+
+def _multi_round(rng: Random, size: int, answer_index: int) -> Draft:
+    if rng.random() < 0.5:
+        scenes, target = _which_scenes(rng, size, answer_index)
+        kind, last = "which", [_which_question(target), ANSWERS_BY_INDEX[answer_index]]
+    else:
+        scenes = [random_scene(rng, size), random_scene(rng, size)]
+        second = rng.choice(scenes[1])
+        kind = "colour"
+        last = [f"What colour is the {second.kind} in the second image?", second.colour]
+    first = rng.choice(scenes[0])
+    turns = [
+        f"{IMAGE_PLACEHOLDER}\nWhat colour is the {first.kind}?",
+        first.colour,
+        f"{IMAGE_PLACEHOLDER}\n{last[0]}",
+        last[1],
+    ]
+    return turns, scenes, kind
+
+
+# Each builder takes (rng, image size, planned index of the image that holds the answer to a
+# which-image question; builders without one ignore it) and returns a Draft.
+_BUILDERS = {"single": _single, "two_image": _two_image, "multi_round": _multi_round}
+
+
+def _type_counts(num: int, mix: Mapping[str, float]) -> dict[str, int]:
+    """Split `num` over the types in proportion to `mix` (largest remainder: exact total)."""
+    total = sum(mix.values())
+    exact = {name: num * mix.get(name, 0.0) / total for name in QUESTION_TYPES}
+    counts = {name: int(value) for name, value in exact.items()}
+    by_remainder = sorted(QUESTION_TYPES, key=lambda name: counts[name] - exact[name])
+    for name in by_remainder[: num - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def _balanced(rng: Random, count: int) -> list[int]:
+    """`count` answer indices, half 0 and half 1 (one extra 0 if odd), in random order."""
+    indices = [i % 2 for i in range(count)]
+    rng.shuffle(indices)
+    return indices
+
+
+def _make_samples(
+    rng: Random, num: int, mix: Mapping[str, float], size: int, root: Path
+) -> list[Conversation]:
+    """Draw `num` conversations, saving their images as `root`/images/NNNNNN.png."""
+    counts = _type_counts(num, mix)
+    plan = [name for name in QUESTION_TYPES for _ in range(counts[name])]
+    rng.shuffle(plan)
+    answer_plan = {name: iter(_balanced(rng, counts[name])) for name in QUESTION_TYPES}
+    conversations: list[Conversation] = []
+    paths: list[str] = []
+    for index, qtype in enumerate(plan):
+        turns, scenes, kind = _BUILDERS[qtype](rng, size, next(answer_plan[qtype]))
+        first_image = len(paths)
+        for scene in scenes:
+            paths.append(f"images/{len(paths):06d}.png")
+            draw_scene(scene, size).save(root / paths[-1], format="PNG")
+        meta = {
+            "type": qtype,
+            "kind": kind,
+            "answer": turns[-1],
+            "scenes": [[shape.to_dict() for shape in scene] for scene in scenes],
+        }
+        messages = [Message("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(turns)]
+        conversations.append(
+            Conversation(
+                messages=messages,
+                images=paths[first_image:],
+                id=f"shapes-{index:06d}",
+                source=SOURCE,
+                meta=meta,
+            )
+        )
+    return conversations
+
+
+def _split(
+    conversations: list[Conversation], eval_fraction: float
+) -> tuple[list[Conversation], list[Conversation]]:
+    """Hold out about `eval_fraction` of every question type (at least one each when possible)."""
+    held: set[str] = set()
+    for qtype in QUESTION_TYPES:
+        ids = [c.id for c in conversations if c.meta["type"] == qtype]
+        count = round(len(ids) * eval_fraction)
+        if eval_fraction > 0 and len(ids) >= 2:
+            count = max(count, 1)
+        held.update(ids[:count])
+    train = [c for c in conversations if c.id not in held]
+    return train, [c for c in conversations if c.id in held]
+
+
+def conversation_texts(conversations: list[Conversation]) -> list[str]:
+    """All message texts (image placeholders removed) and system prompts, for tokenizer training."""
+    texts: list[str] = []
+    for conv in conversations:
+        if conv.system is not None:
+            texts.append(conv.system)
+        texts.extend(m.content.replace(IMAGE_PLACEHOLDER, "").strip() for m in conv.messages)
+    return texts
+
+
+def _counts_by_type(conversations: list[Conversation]) -> dict[str, int]:
+    return {t: sum(c.meta["type"] == t for c in conversations) for t in QUESTION_TYPES}
+
+
+def _is_previous_output(out: Path) -> bool:
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("generator") == GENERATOR
+
+
+def _check_out(out: Path) -> None:
+    """Accept a missing or empty folder, or a previous synthetic output (to overwrite)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"--out {out} is a file; pass a new or empty folder")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries or (_is_previous_output(out) and set(entries) <= OUTPUT_ENTRIES):
+        return
+    raise DataError(
+        f"--out {out} is not empty and is not a previous synthetic output (found "
+        f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}); "
+        "pass a new or empty folder, or delete it first"
+    )
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Move the staged files into `out`, replacing a previous output's; the manifest goes last.
+
+    `out` itself is kept (a shell may sit in it), and it holds a manifest at every moment, so
+    an interrupted swap is still recognised, and replaced, by the next run.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for name in sorted(OUTPUT_ENTRIES - {"manifest.json"}):
+        old, new = out / name, staging / name
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+        if new.exists():
+            new.rename(old)
+    (staging / "manifest.json").replace(out / "manifest.json")
+
+
+def _check_args(num: int, eval_fraction: float, image_size: int, mix: Mapping[str, float]) -> None:
+    if num < 1:
+        raise DataError(f"--num must be at least 1, got {num}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise DataError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+    if image_size < 16 or image_size % 8:
+        raise DataError(f"image size must be a multiple of 8 and at least 16, got {image_size}")
+    unknown = sorted(set(mix) - set(QUESTION_TYPES))
+    if unknown or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+        raise DataError(
+            f"mix {dict(mix)} is invalid: use non-negative weights for {', '.join(QUESTION_TYPES)} "
+            "with a positive sum"
+        )
+
+
+def _build_models(models_dir: Path, texts: list[str], image_size: int, seed: int) -> dict:
+    """Train the tokenizer and save the tiny LM and CLIP tower under `models_dir`."""
+    # Imported here: transformers takes seconds to import and is only needed with models.
+    from dsvl_cli.model.tiny import build_tiny_clip, build_tiny_lm, train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer(texts)
+    build_tiny_lm(models_dir / "lm", tokenizer, seed=seed)
+    build_tiny_clip(models_dir / "vision", image_size=image_size, seed=seed)
+    return {"lm": "models/lm", "vision": "models/vision", "vocab_size": len(tokenizer)}
+
+
+def _write(
+    staging: Path,
+    num: int,
+    seed: int,
+    eval_fraction: float,
+    image_size: int,
+    mix: Mapping[str, float],
+    with_models: bool,
+) -> dict[str, Any]:
+    """Write the whole dataset into `staging` and return its manifest."""
+    (staging / "images").mkdir(parents=True)
+    conversations = _make_samples(Random(seed), num, mix, image_size, staging)
+    train, held_out = _split(conversations, eval_fraction)
+    write_jsonl(staging / "train.jsonl", train)
+    write_jsonl(staging / "eval.jsonl", held_out)
+    models = None
+    if with_models:
+        models = _build_models(staging / "models", conversation_texts(train), image_size, seed)
+    manifest = {
+        "generator": GENERATOR,
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "eval_fraction": eval_fraction,
+        "mix": {name: float(mix.get(name, 0.0)) for name in QUESTION_TYPES},
+        "counts": {
+            "total": len(conversations),
+            "train": len(train),
+            "eval": len(held_out),
+            "images": sum(c.num_images for c in conversations),
+            "by_type": {"train": _counts_by_type(train), "eval": _counts_by_type(held_out)},
+        },
+        "files": {"train": "train.jsonl", "eval": "eval.jsonl", "images": "images"},
+        "models": models,
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    (staging / "manifest.json").write_text(text, encoding="utf-8")
+    return manifest
+
+
+def generate_synthetic(
+    out: Path,
+    num: int,
+    seed: int = 0,
+    eval_fraction: float = 0.1,
+    image_size: int = 32,
+    with_models: bool = True,
+    mix: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Write the shapes dataset (and tiny base models) to `out`.
+
+    Layout: `images/NNNNNN.png`, `train.jsonl`, `eval.jsonl` (image paths relative to `out`),
+    `manifest.json` (counts, seed, sizes, generator version; no timestamps or absolute paths),
+    and with `with_models`: `models/lm/` (tokenizer + LLaMA LM) and `models/vision/` (CLIP tower
+    + image processor). The same arguments give byte-identical files.
+
+    Args:
+        out: output folder; must be missing, empty, or a previous synthetic output (replaced).
+        num: number of conversations.
+        seed: random seed for data and model weights.
+        eval_fraction: share of each question type held out in eval.jsonl.
+        image_size: image side in pixels (multiple of 8; also the CLIP input size).
+        with_models: also train the tokenizer and save the tiny models.
+        mix: relative weights of "single", "two_image", "multi_round" (default 0.4/0.4/0.2).
+
+    Returns:
+        The manifest as written.
+
+    Raises:
+        DataError: bad arguments, or `out` holds something other than a synthetic output.
+    """
+    out = Path(out).absolute()  # so "." has a name and a parent for the staging folder
+    mix = dict(DEFAULT_MIX if mix is None else mix)
+    _check_args(num, eval_fraction, image_size, mix)
+    _check_out(out)
+    # Build beside `out` and swap in at the end, so a crash never leaves a half-written dataset.
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = _write(staging, num, seed, eval_fraction, image_size, mix, with_models)
+        _swap_in(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    counts = manifest["counts"]
+    log.info(
+        "wrote %d synthetic conversations (%d train, %d eval, %d images) to %s",
+        counts["total"],
+        counts["train"],
+        counts["eval"],
+        counts["images"],
+        out,
+    )
+    return manifest
