@@ -51,7 +51,8 @@ class RequiredFile:
         present = full.is_dir() if self.kind == "dir" else full.is_file()
         if present:
             return None
-        return f"{full} ({'folder' if self.kind == 'dir' else 'file'}) not found: {self.hint}"
+        hint = self.hint.replace("{data_path}", str(data_path))
+        return f"{full} ({'folder' if self.kind == 'dir' else 'file'}) not found: {hint}"
 
 
 @dataclass
@@ -105,6 +106,11 @@ class Source(ABC):
 
     def load(self, ctx: SourceContext) -> Iterator[Conversation]:
         """Yield validated conversations with unique ids; raise DataError if inputs are missing."""
+        # Prepared files store absolute raw-image paths, whatever the caller's working folder.
+        ctx.data_path = Path(ctx.data_path).absolute()
+        if ctx.image_root is not None:
+            ctx.image_root = Path(ctx.image_root).absolute()
+        ctx.files = [Path(f).absolute() for f in ctx.files]
         problems = self.check(ctx)
         if problems:
             raise DataError(f"{self.name}: missing inputs:\n  " + "\n  ".join(problems))
@@ -128,6 +134,9 @@ def accept(ctx: SourceContext, conv: Conversation) -> bool:
         ctx.drop("too_many_images", conv.id)
         return False
     for msg in conv.messages:
+        if not isinstance(msg.content, str):
+            ctx.drop("malformed_record", conv.id)
+            return False
         if msg.role == "assistant" and not msg.content.strip():
             ctx.drop("empty_answer", conv.id)
             return False

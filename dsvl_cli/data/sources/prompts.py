@@ -2,7 +2,8 @@
 
 `CAPTION_PROMPTS` is the 53-entry `QUESTIONS` list of the original's `coco_caption_dataset.py`
 and `cc_sbu_align_dataset.py` (identical in both; adapted there from open-mmlab Multimodal-GPT),
-reproduced verbatim for parity, including its inconsistent capitalisation and punctuation.
+reproduced verbatim for parity (the original file carries a Salesforce BSD-3-Clause header),
+including its inconsistent capitalisation and punctuation.
 """
 
 from __future__ import annotations
