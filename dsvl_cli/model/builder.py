@@ -1,0 +1,190 @@
+"""Builds the whole model from the `model:` / `trainable:` / `lora:` config sections.
+
+The only place that calls `from_pretrained` for the language model and tokenizer (vision
+folders are read by `vision_loader.py`, called from here). Local folders only: a missing file
+raises CheckpointError naming it. Under ZeRO-3 the caller passes the DeepSpeed config so that
+weights are partitioned while they load (HfDeepSpeedConfig must be alive during from_pretrained).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from dsvl_cli.config import Config, LoraSettings, ModelConfig
+from dsvl_cli.data.template import IMAGE_TOKEN
+from dsvl_cli.errors import CheckpointError, ConfigError
+from dsvl_cli.log import get_logger
+from dsvl_cli.model.mmca import MMCA_ATTN_NAME, register_mmca
+from dsvl_cli.model.projector import build_projector
+from dsvl_cli.model.vision import ImageTransform
+from dsvl_cli.model.vision_loader import load_vision_encoder
+from dsvl_cli.model.vlm import NewTokenEmbedding, VisualChatModel
+
+log = get_logger(__name__)
+
+# PEFT target modules per part when `lora.<part>.target_modules` is null.
+LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# nn.MultiheadAttention reads its out_proj weight directly (LoRA there would do nothing), so
+# open_clip adapts the MLPs and qwen_vit its ViT blocks' plain Linear layers only.
+VISION_LORA_TARGETS: dict[str, list[str] | str] = {
+    "clip": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "open_clip": ["c_fc", "c_proj"],
+    "qwen_vit": r".*resblocks\.\d+\.(attn\.in_proj|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)",
+}
+
+
+@dataclass
+class Built:
+    """What the builder returns: the model, its tokenizer, and the image transform."""
+
+    model: VisualChatModel
+    tokenizer: PreTrainedTokenizerBase
+    image_transform: ImageTransform
+    image_processor: Any
+    ds_config_handle: Any = None  # keeps HfDeepSpeedConfig alive under ZeRO-3
+
+
+def _require_folder(path: str, what: str, needs: tuple[str, ...]) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{what} folder {folder} does not exist; set it in the recipe")
+    for name in needs:
+        if not (folder / name).exists():
+            raise CheckpointError(
+                f"{what} folder {folder} has no {name}; save the model there with "
+                "save_pretrained (or download it with huggingface-cli download ... --local-dir)"
+            )
+    return folder
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The LM's tokenizer with `<image>` added as a special token; pad = EOS if it has none."""
+    folder = _require_folder(path, "language model", ("tokenizer_config.json",))
+    tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=True)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as the original: no extra embedding row
+    tokenizer.padding_side = "right"
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer in {folder} has no BOS or EOS token; dsvl needs both")
+    return tokenizer
+
+
+def load_language_model(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype
+) -> nn.Module:
+    """The causal LM, attention set to MMCA or SDPA, embeddings resized for the new tokens."""
+    folder = _require_folder(cfg.language_model, "language model", ("config.json",))
+    if cfg.mmca.enabled:
+        register_mmca()
+    attn = MMCA_ATTN_NAME if cfg.mmca.enabled else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+    model.config.mmca_image_attends_text = cfg.mmca.image_attends_text
+    if model.config.max_position_embeddings < cfg.max_seq_len:
+        log.warning(
+            "model.max_seq_len %d exceeds the LM's max_position_embeddings %d",
+            cfg.max_seq_len,
+            model.config.max_position_embeddings,
+        )
+    if len(tokenizer) != model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def build_model(
+    config: Config, dtype: torch.dtype = torch.float32, ds_config: dict[str, Any] | None = None
+) -> Built:
+    """Build tokenizer, vision encoder, projector and LM, then apply the trainable policy."""
+    handle = None
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        handle = HfDeepSpeedConfig(ds_config)  # must outlive from_pretrained
+    cfg = config.model
+    tokenizer = load_tokenizer(cfg.language_model)
+    base_vocab = _base_vocab(cfg.language_model)
+    lm = load_language_model(cfg, tokenizer, dtype)
+    vision, transform = load_vision_encoder(
+        cfg.vision.kind, cfg.vision.path, cfg.vision.open_clip_model, dtype=dtype
+    )
+    projector = build_projector(
+        cfg.projector,
+        vision_hidden=vision.hidden_size,
+        lm_hidden=lm.config.get_text_config().hidden_size,
+        vision_tokens=vision.num_tokens,
+        vision_config=vision.layer_config,
+    ).to(dtype)
+    model = VisualChatModel(
+        vision,
+        projector,
+        lm,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        mmca=cfg.mmca.enabled,
+        image_attends_text=cfg.mmca.image_attends_text,
+        mmca_impl=cfg.mmca.impl,
+    )
+    apply_trainable(model, config, base_vocab=base_vocab, num_new=len(tokenizer) - base_vocab)
+    return Built(model, tokenizer, transform, vision.image_processor, handle)
+
+
+def _base_vocab(path: str) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(path).get_text_config().vocab_size)
+
+
+def apply_trainable(model: VisualChatModel, config: Config, base_vocab: int, num_new: int) -> None:
+    """Freeze everything, then enable what `trainable:` asks for (LoRA through PEFT)."""
+    model.requires_grad_(False)
+    parts = config.trainable
+    if parts.vision == "full":
+        model.vision.requires_grad_(True)
+    if parts.language_model == "full":
+        model.language_model.requires_grad_(True)
+    model.mm_projector.requires_grad_(parts.projector)
+    embeddings = model.language_model.get_input_embeddings()
+    if parts.embeddings == "full":
+        embeddings.requires_grad_(True)
+    elif parts.embeddings == "new_tokens" and num_new > 0:
+        model.set_token_embedding(NewTokenEmbedding(embeddings, base_vocab, num_new))
+    lora_parts = {
+        "language_model": (parts.language_model == "lora", config.lora.language_model),
+        "vision": (parts.vision == "lora", config.lora.vision),
+    }
+    for part, (enabled, settings) in lora_parts.items():
+        if enabled:
+            _add_lora(model, part, settings, config.model.vision.kind)
+
+
+def _add_lora(model: VisualChatModel, part: str, settings: LoraSettings, vision_kind: str) -> None:
+    """Inject a PEFT LoRA adapter named after the part into that submodule, in place."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = settings.target_modules or (
+        LM_LORA_TARGETS if part == "language_model" else VISION_LORA_TARGETS[vision_kind]
+    )
+    lora = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+    )
+    submodule = getattr(model, part)
+    inject_adapter_in_model(lora, submodule, adapter_name=part)
+    for name, param in submodule.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+    count = sum(1 for name, _ in submodule.named_modules() if name.endswith("lora_A"))
+    if count == 0:
+        raise ConfigError(
+            f"lora.{part}.target_modules {targets} matched no layer of the {part}; "
+            "list module names that exist in the model (e.g. q_proj, v_proj)"
+        )
