@@ -208,3 +208,57 @@ def test_generate_greedy_and_cache_reuse(shapes: Path, mmca: bool) -> None:
         cached = model.generate(input_ids=history, past_key_values=first.past_key_values, **kwargs)
         fresh = model.generate(input_ids=history, pixel_values=pixels, **kwargs)
     assert torch.equal(cached, fresh)
+
+
+def test_sampling_streaming_and_eos_stop(shapes: Path) -> None:
+    from PIL import Image
+    from transformers.generation.streamers import BaseStreamer
+
+    built = build(shapes)
+    model, tok = built.model.eval(), built.tokenizer
+    conv = Conversation([Message("user", "<image>\nWhat colour?")], ["images/000000.png"])
+    ids = torch.tensor([encode_prompt(conv, tok, model.image_token_id, model.tokens_per_image)])
+    pixels = built.image_transform(Image.open(shapes / conv.images[0]))[None]
+
+    class Collect(BaseStreamer):
+        def __init__(self) -> None:
+            self.chunks: list[list[int]] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self) -> None:
+            self.chunks.append([])
+
+    settings = {
+        "do_sample": True,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "top_k": 20,
+        "repetition_penalty": 1.1,
+        "max_new_tokens": 6,
+        "pad_token_id": tok.pad_token_id,
+    }
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        streamer = Collect()
+        runs.append(
+            model.generate(input_ids=ids, pixel_values=pixels, streamer=streamer, **settings)
+        )
+    assert torch.equal(runs[0], runs[1])  # seeded sampling is reproducible
+    streamed = [t for chunk in streamer.chunks[1:] for t in chunk]  # chunk 0 is the prompt
+    assert streamed == runs[1][0, ids.shape[1] :].tolist()
+    # Forcing EOS as the most likely token stops generation after one step.
+    bias = torch.zeros(len(tok))
+    bias[tok.eos_token_id] = 1e4
+    model.get_output_embeddings().bias = torch.nn.Parameter(bias)
+    out = model.generate(
+        input_ids=ids,
+        pixel_values=pixels,
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    assert out.shape[1] == ids.shape[1] + 1 and out[0, -1] == tok.eos_token_id

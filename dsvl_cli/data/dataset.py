@@ -1,0 +1,321 @@
+"""The training Dataset over prepared conversations, its DataLoader, and skip accounting.
+
+`ConversationDataset` holds conversations and settings only: constructing it reads no file and
+tokenises nothing. `__getitem__` encodes one conversation with the DSVL template and loads and
+transforms only the images of the rounds it kept. It never raises on bad data: a sample the
+template refuses, or one whose image fails to load, comes back as `SkippedSample(id, reason)`,
+so a DataLoader worker never dies on one bad file. The collator drops these markers into
+`Batch.skipped`, and the trainer feeds every batch to a `SkipCounter` in the main process, which
+raises once failures exceed `data.max_failure_fraction`.
+
+Reasons: the template's ("empty", "invalid", "too_many_images", "too_long") and, for images,
+"image_" + the `images.py` reason ("image_missing", "image_truncated", ...).
+
+Loading: `make_loader` builds a DataLoader over a `DistributedSampler` (also for one process)
+wrapped in `SkipFirst`. Call `set_epoch(loader, epoch)` before every epoch: the order then changes
+per epoch, reproducibly from (seed, epoch) (the original never did, §8.2 bug 7). Resuming in the
+middle of an epoch: `set_epoch(loader, epoch, skip_batches=K)` makes the next pass start at batch
+K of that epoch's order, and the skipped indices are never handed to a worker, so their images
+are not decoded. The sampler runs in the main process, so this also works with persistent workers.
+
+Per-epoch use with a blend whose groups change every epoch (blend.py): workers hold their copy of
+the dataset, so each epoch builds `ConversationDataset(split.conversations, split.base_dirs, ...)`
+and a new loader from `blend.train_split(epoch)`, then calls `set_epoch` on it. The fixed eval
+dataset keeps one loader, whose persistent workers survive between evaluations.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from dsvl_cli.data.conversation import Conversation
+from dsvl_cli.data.images import ImageLoadError, load_image
+from dsvl_cli.data.template import Overlength, Skip, encode_conversation
+from dsvl_cli.errors import DataError
+from dsvl_cli.log import get_logger
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from dsvl_cli.data.collate import Batch
+
+log = get_logger(__name__)
+
+ImageTransform = Callable[[Image.Image], Tensor]
+MAX_EXAMPLE_IDS = 5  # sample ids kept per skip reason, for error messages
+
+
+@dataclass
+class Sample:
+    """One encoded training sample.
+
+    Attributes:
+        input_ids: [L] token ids (long), image runs included.
+        labels: [L] targets (long), -100 where not supervised.
+        pixel_values: [num_images, 3, H, W] float, in placeholder order ([0, 3, H, W] if none).
+        num_images: images kept (after `truncate_rounds`, the kept rounds' images only).
+        id: the conversation id.
+    """
+
+    input_ids: Tensor
+    labels: Tensor
+    pixel_values: Tensor
+    num_images: int
+    id: str
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """A sample that could not be used: `reason` for counting, `detail` for humans."""
+
+    id: str
+    reason: str
+    detail: str = ""
+
+
+class ConversationDataset(Dataset):
+    """Map-style dataset: index -> `Sample` or `SkippedSample` (see the module docstring).
+
+    Args:
+        conversations: the samples (e.g. `Split.conversations` from blend.py).
+        base_dirs: the folder relative image paths start from, one per conversation, or one
+            folder for all.
+        tokenizer: the LM's tokenizer, with `<image>` added.
+        image_token_id: id of `<image>`.
+        tokens_per_image: image tokens per image (the encoder/projector's count).
+        image_transform: picklable callable, PIL RGB image -> float tensor [3, H, W].
+        image_size: (H, W) the transform produces (an int means square); shapes the empty
+            `pixel_values` of text-only samples and is checked on every image.
+        max_seq_len, overlength, max_images, max_round_tokens: the template's limits.
+    """
+
+    def __init__(
+        self,
+        conversations: Sequence[Conversation],
+        base_dirs: Sequence[Path] | Path | str,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        image_token_id: int,
+        tokens_per_image: int,
+        image_transform: ImageTransform,
+        image_size: int | tuple[int, int],
+        max_seq_len: int | None,
+        overlength: Overlength = "drop",
+        max_images: int | None = None,
+        max_round_tokens: int | None = None,
+    ) -> None:
+        self.conversations = conversations
+        if isinstance(base_dirs, (str, Path)):
+            base_dirs = [Path(base_dirs)] * len(conversations)
+        if len(base_dirs) != len(conversations):
+            raise ValueError(
+                f"base_dirs has {len(base_dirs)} entries for {len(conversations)} conversations"
+            )
+        self.base_dirs = base_dirs
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.tokens_per_image = tokens_per_image
+        self.image_transform = image_transform
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.image_shape = (3, *size)
+        self.max_seq_len = max_seq_len
+        self.overlength = overlength
+        self.max_images = max_images
+        self.max_round_tokens = max_round_tokens
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def _pixels(self, paths: list[str], base_dir: Path) -> Tensor:
+        """Load and transform images in order; ImageLoadError propagates."""
+        if not paths:
+            return torch.zeros(0, *self.image_shape)
+        tensors = []
+        for path in paths:
+            image = load_image(path if os.path.isabs(path) else base_dir / path)
+            tensor = self.image_transform(image)
+            if tuple(tensor.shape) != self.image_shape:
+                # A wiring error (transform vs image_size), not bad data: fail loudly.
+                raise ValueError(
+                    f"image_transform gave shape {tuple(tensor.shape)}, expected "
+                    f"{self.image_shape} (image_size passed to ConversationDataset)"
+                )
+            tensors.append(tensor)
+        return torch.stack(tensors)
+
+    def __getitem__(self, index: int) -> Sample | SkippedSample:
+        conv = self.conversations[index]
+        encoded = encode_conversation(
+            conv,
+            self.tokenizer,
+            self.image_token_id,
+            self.tokens_per_image,
+            self.max_seq_len,
+            overlength=self.overlength,
+            max_images=self.max_images,
+            max_round_tokens=self.max_round_tokens,
+        )
+        if isinstance(encoded, Skip):
+            return SkippedSample(conv.id, encoded.reason, encoded.detail)
+        try:
+            pixels = self._pixels(conv.images[: encoded.num_images], Path(self.base_dirs[index]))
+        except ImageLoadError as err:
+            log.debug("sample %r skipped: %s", conv.id, err)
+            return SkippedSample(conv.id, f"image_{err.reason}", str(err))
+        return Sample(
+            input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),
+            labels=torch.tensor(encoded.labels, dtype=torch.long),
+            pixel_values=pixels,
+            num_images=encoded.num_images,
+            id=conv.id,
+        )
+
+
+class SkipCounter:
+    """Counts skipped samples from `Batch.skipped` in the main process and enforces the limit.
+
+    `seen` counts every sample that reached a batch, kept or skipped. Keep one counter per run
+    (save `state_dict()` with resume state); under several ranks each counts its own share.
+    """
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.by_reason: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def update(self, batch: Batch) -> None:
+        self.seen += batch.size + len(batch.skipped)
+        for sample_id, reason in batch.skipped:
+            self.by_reason[reason] += 1
+            ids = self.examples.setdefault(reason, [])
+            if len(ids) < MAX_EXAMPLE_IDS:
+                ids.append(sample_id)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def fraction(self, seen: int | None = None) -> float:
+        """Skipped / seen (`seen` defaults to the samples counted so far); 0 before any."""
+        seen = self.seen if seen is None else seen
+        return self.total / seen if seen else 0.0
+
+    def summary(self) -> str:
+        """E.g. "too_long: 3 (ids a, b, c), image_missing: 1 (ids d)"."""
+        return ", ".join(
+            f"{reason}: {n} (ids {', '.join(self.examples.get(reason, []))})"
+            for reason, n in self.by_reason.most_common()
+        )
+
+    def check(self, max_failure_fraction: float, min_seen: int = 100) -> None:
+        """Raise DataError if the skipped fraction exceeds the limit.
+
+        Nothing is judged before `min_seen` samples (a few early failures are noise); call it
+        with `min_seen=0` at the end of an epoch to judge small datasets too.
+        """
+        if self.seen < min_seen or self.fraction() <= max_failure_fraction:
+            return
+        raise DataError(
+            f"{self.total} of {self.seen} samples failed ({self.summary()}) — over "
+            f"data.max_failure_fraction={max_failure_fraction}; fix the data (`dsvl prepare-data` "
+            "reports bad images) or raise the limit"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen, "by_reason": dict(self.by_reason), "examples": self.examples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = int(state["seen"])
+        self.by_reason = Counter({str(k): int(v) for k, v in state["by_reason"].items()})
+        self.examples = {str(k): list(v) for k, v in state["examples"].items()}
+
+
+class SkipFirst(Sampler[int]):
+    """Yields the wrapped sampler's indices after dropping the first `skip` of them.
+
+    Used to resume mid-epoch without decoding the samples already trained on; `skip` applies
+    to every pass until changed (`set_epoch` resets it).
+    """
+
+    def __init__(self, sampler: Sampler[int], skip: int = 0) -> None:
+        if skip < 0:
+            raise ValueError(f"skip must be >= 0, got {skip}")
+        self.sampler = sampler
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        set_inner = getattr(self.sampler, "set_epoch", None)
+        if set_inner is not None:
+            set_inner(epoch)
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    collate_fn: Callable[[list[Any]], Any],
+    shuffle: bool,
+    seed: int,
+    workers: int,
+    drop_last: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    multiprocessing_context: str | None = None,
+) -> DataLoader:
+    """A DataLoader over this rank's share: `DistributedSampler` inside `SkipFirst`.
+
+    `drop_last` applies to both the sampler (no padding duplicates across ranks) and the last
+    short batch. With `drop_last=False` (eval) the sampler repeats up to world_size - 1 samples
+    so every rank runs the same number of batches, as ZeRO-3 requires.
+
+    Raises:
+        DataError: the dataset is empty, or `drop_last` leaves no batch on a rank.
+    """
+    total = len(dataset)  # type: ignore[arg-type]
+    if total == 0:
+        raise DataError("no samples to load; check data.sources and the prepared files")
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
+    if drop_last and len(sampler) < batch_size:
+        raise DataError(
+            f"{total} samples give {len(sampler)} per rank over {world_size} rank(s), "
+            f"fewer than one batch of {batch_size}; use more data or a smaller batch size"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=SkipFirst(sampler),
+        collate_fn=collate_fn,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        multiprocessing_context=multiprocessing_context if workers > 0 else None,
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Prepare `loader` (from `make_loader`) for `epoch`; start at batch `skip_batches` of it."""
+    sampler = loader.sampler
+    if not isinstance(sampler, SkipFirst):
+        raise TypeError("set_epoch needs a loader built by make_loader")
+    sampler.set_epoch(epoch)
+    sampler.skip = skip_batches * int(loader.batch_size or 1)
