@@ -8,6 +8,7 @@ weights are partitioned while they load (HfDeepSpeedConfig must be alive during 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,29 @@ def load_language_model(
             cfg.max_seq_len,
             model.config.max_position_embeddings,
         )
-    if len(tokenizer) != model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    old = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) != old:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        _mean_init_new_rows(model, old)
     return model
+
+
+def _mean_init_new_rows(model: nn.Module, old: int) -> None:
+    """Set added embedding / LM-head rows to the mean of the old rows.
+
+    Deterministic on purpose: exports do not store frozen rows, so every rebuild must recreate
+    them bit for bit (transformers' default samples them at random).
+    """
+    tables = {model.get_input_embeddings().weight, model.get_output_embeddings().weight}
+    partitioned = [t for t in tables if hasattr(t, "ds_id")]
+    context = contextlib.nullcontext()
+    if partitioned:
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+    with context, torch.no_grad():
+        for weight in tables:
+            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
 
 
 def build_model(
