@@ -126,19 +126,174 @@ def train_cmd(
     recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/tiny.yaml."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides: optim.lr=2e-4 ..."),
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="Validate and print the resolved config; load no weights."
+        False, "--dry-run", help="Validate, print the resolved config and a memory estimate."
     ),
+    gpus: int | None = typer.Option(
+        None, "--gpus", help="GPUs per node: re-launch through the deepspeed launcher."
+    ),
+    hostfile: Path | None = typer.Option(
+        None, "--hostfile", help="Multi-node: a DeepSpeed hostfile ('node1 slots=8' lines)."
+    ),
+    master_addr: str | None = typer.Option(None, "--master-addr", help="Multi-node rendezvous."),
+    master_port: int | None = typer.Option(None, "--master-port", help="Rendezvous port."),
 ) -> None:
-    """Train a model from a recipe (DeepSpeed underneath)."""
+    """Train a model from a recipe (DeepSpeed underneath); resumes with train.resume=auto."""
     from dsvl_cli.config import dump_config, load_config
 
     config = load_config(recipe, overrides or [])
     if dry_run:
-        stdout.print(dump_config(config), highlight=False, markup=False)
-        return
-    from dsvl_cli.errors import ConfigError
+        from dsvl_cli.train.dry_run import dry_run_report
 
-    raise ConfigError("training is not available in this build; use --dry-run")
+        stdout.print(dump_config(config), highlight=False, markup=False)
+        dry_run_report(config, gpus or 1, hostfile, stdout)
+        return
+    if gpus is not None or hostfile is not None:
+        from dsvl_cli.train.launch import launch
+
+        raise typer.Exit(launch(recipe, overrides or [], gpus, hostfile, master_addr, master_port))
+    from dsvl_cli.train.trainer import fit
+
+    result = fit(config)
+    stdout.print(
+        f"trained {result.steps} steps; final eval loss {result.eval_loss}; "
+        f"exports in {result.output_dir}",
+        highlight=False,
+    )
+
+
+@app.command("extract-qwen")
+def extract_qwen_cmd(
+    src: Path = typer.Argument(..., help="Local Qwen-VL or Qwen-VL-Chat folder."),
+    out: Path = typer.Option(..., "--out", help="Folder for the standalone vision encoder."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
+) -> None:
+    """Write the Qwen-VL vision tower as a standalone `qwen_vit` encoder folder."""
+    from dsvl_cli.tools.extract_qwen import extract_qwen
+
+    result = extract_qwen(src, out, force=force)
+    stdout.print(
+        f"wrote {result.num_tensors} tensors ({result.num_params / 1e9:.2f}B parameters) to "
+        f"{result.out}; use it with model.vision.kind=qwen_vit model.vision.path={result.out}",
+        highlight=False,
+    )
+
+
+@app.command("fuse-lora")
+def fuse_lora_cmd(
+    checkpoint: Path = typer.Argument(..., help="Export folder (final, best, epoch-K)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the standalone model."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
+    tolerance: float | None = typer.Option(
+        None, "--tolerance", help="Max abs logit difference merged vs unmerged (default by dtype)."
+    ),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="LM safetensors shards."),
+    from_dsvl: bool = typer.Option(
+        False, "--from-dsvl", help="CHECKPOINT is an original DeepSpeed-VisualChat epoch folder."
+    ),
+    lm: str | None = typer.Option(None, "--lm", help="--from-dsvl: the base LM folder."),
+    vision_kind: str = typer.Option("clip", "--vision-kind", help="--from-dsvl: clip|qwen_vit."),
+    vision_path: str | None = typer.Option(
+        None, "--vision-path", help="--from-dsvl: the vision encoder folder."
+    ),
+) -> None:
+    """Merge LoRA into a standalone model folder that chat and eval load without adapters."""
+    if from_dsvl:
+        from dsvl_cli.errors import ConfigError
+        from dsvl_cli.tools.dsvl_legacy import convert_dsvl_checkpoint
+
+        if lm is None or vision_path is None:
+            raise ConfigError("--from-dsvl needs --lm LM_FOLDER and --vision-path VISION_FOLDER")
+        result = convert_dsvl_checkpoint(
+            checkpoint,
+            out,
+            lm,
+            vision_kind,
+            vision_path,
+            force=force,
+            tolerance=tolerance,
+            max_shard_size=max_shard_size,
+        )
+    else:
+        from dsvl_cli.tools.fuse_lora import fuse_lora
+
+        result = fuse_lora(checkpoint, out, force, tolerance, max_shard_size)
+    stdout.print(
+        f"fused {', '.join(result.merged_parts) or 'no LoRA (converted)'} into {result.out}; "
+        f"max |logit diff| {result.max_abs_diff:.2e} (tolerance {result.tolerance:.1e})",
+        highlight=False,
+    )
+
+
+def _settings(
+    max_new_tokens: int, temperature: float, top_p: float, top_k: int, rep: float, seed: int
+) -> object:
+    from dsvl_cli.inference.generation import GenerationSettings
+
+    return GenerationSettings(max_new_tokens, temperature, top_p, top_k, rep, seed)
+
+
+MAX_NEW = typer.Option(256, "--max-new-tokens", help="Most tokens per answer.")
+TEMPERATURE = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples.")
+TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling (when sampling).")
+TOP_K = typer.Option(0, "--top-k", help="Top-k sampling, 0 = off (when sampling).")
+REPETITION = typer.Option(1.0, "--repetition-penalty", help="1.0 = off.")
+SEED = typer.Option(0, "--seed", help="Seed for sampling.")
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
+DTYPE = typer.Option("auto", "--dtype", help="auto | fp32 | bf16 | fp16.")
+DEVICE_MAP = typer.Option(None, "--device-map", help="Spread over GPUs: auto|balanced|sequential.")
+OVERFLOW = typer.Option("error", "--overflow", help="Context full: error | drop_oldest rounds.")
+
+
+@app.command("chat")
+def chat_cmd(
+    model: Path = typer.Argument(..., help="Model folder: an export or a fused folder."),
+    images: list[Path] = typer.Option(
+        None, "--images", "--image", help="Images for the first turn (repeat the option)."
+    ),
+    prompt: str | None = typer.Option(None, "--prompt", help="Ask once, print only the answer."),
+    max_new_tokens: int = MAX_NEW,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
+    repetition_penalty: float = REPETITION,
+    seed: int = SEED,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    device_map: str | None = DEVICE_MAP,
+    overflow: str = OVERFLOW,
+) -> None:
+    """Talk with a model about images, over several rounds (/image, /clear, /save, /quit)."""
+    from dsvl_cli.inference.chat import run_chat
+
+    settings = _settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    code = run_chat(model, images or [], prompt, settings, device, dtype, device_map, overflow)
+    raise typer.Exit(code)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="Model folder: an export or a fused folder."),
+    data: Path = typer.Option(..., "--data", help="Eval JSON set, or prepared JSONL."),
+    out: Path | None = typer.Option(None, "--out", help="Results folder."),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N tests/samples."),
+    image_root: Path | None = typer.Option(None, "--image-root", help="Images folder."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Batch for loss and answers."),
+    max_new_tokens: int = MAX_NEW,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
+    repetition_penalty: float = REPETITION,
+    seed: int = SEED,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    device_map: str | None = DEVICE_MAP,
+) -> None:
+    """Evaluate: the original's multi-round eval sets to CSV, or loss + accuracy on JSONL."""
+    from dsvl_cli.inference.evaluate import run_eval
+
+    settings = _settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    out = out or Path("eval-results") / data.stem
+    run_eval(model, data, out, limit, image_root, batch_size, settings, device, dtype, device_map)
 
 
 def main() -> None:

@@ -53,12 +53,17 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "python": json.dumps(random.getstate()),
-        "numpy": json.dumps(np.random.get_state(legacy=False), default=int),
+        "numpy": json.dumps(_numpy_state()),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _numpy_state() -> list[Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
 
 
 def _json_to_tuple(value: Any) -> Any:
@@ -67,9 +72,8 @@ def _json_to_tuple(value: Any) -> Any:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_json_to_tuple(json.loads(state["python"])))
-    numpy_state = json.loads(state["numpy"])
-    numpy_state["state"] = {k: int(v) for k, v in numpy_state["state"].items()}
-    np.random.set_state(numpy_state)
+    name, keys, pos, has_gauss, gauss = json.loads(state["numpy"])
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -149,12 +149,14 @@ def resolve_config(folder: Path, overrides: list[str] | tuple[str, ...] = ()) ->
     config = load_config(folder / "config.yaml", list(overrides))
     if meta.get("format") != FUSED_FORMAT:
         return config
+    vision = config.model.vision
+    vision_update = {"path": str(folder / vision.path)}
+    if vision.open_clip_model and vision.open_clip_model.endswith(".json"):
+        vision_update["open_clip_model"] = str(folder / vision.open_clip_model)
     model = config.model.model_copy(
         update={
             "language_model": str(folder / config.model.language_model),
-            "vision": config.model.vision.model_copy(
-                update={"path": str(folder / config.model.vision.path)}
-            ),
+            "vision": vision.model_copy(update=vision_update),
         }
     )
     return config.model_copy(update={"model": model})

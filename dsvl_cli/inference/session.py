@@ -1,0 +1,401 @@
+"""One conversation with a model: history in the KV cache, each image encoded once.
+
+`ChatSession` is what `dsvl chat` and `dsvl eval` share (DESIGN.md D8). A round is rendered with
+the training template (`dsvl_cli.data.template.encode_prompt`): the first round carries the system
+prompt, and image numbers continue across rounds (`### Image 3:` is the conversation's third
+image). Only the new round's ids and the new round's images go through the model; the cache
+returned by the previous `generate` covers the rest, so a round's cost does not grow with the
+number of earlier images.
+
+History invariant: after every round, `history_ids` equals the training rendering of
+`conversation` (`encode_conversation(...).input_ids`), i.e. each round is prompt + answer + EOS.
+The answer kept is the decoded reply with surrounding whitespace stripped, tokenised as the
+template tokenises answers; where that differs from the generated ids (or generation stopped at
+`max_new_tokens` without EOS), the cache is cropped back to the common prefix and the next round
+feeds the difference. The next round then starts with BOS exactly as in training.
+
+Context overflow (history + new prompt + `max_new_tokens` over `max_context`):
+``"error"`` raises `ContextOverflow` and leaves the session as it was; ``"drop_oldest"`` drops
+whole rounds from the start until the new round fits, together with their images, and
+re-renders what is left as a fresh conversation: system prompt on the new first round, images
+renumbered from 1, cache rebuilt on the next round (the remaining images are encoded again).
+
+Generation settings are explicit (`dsvl_cli.inference.generation.GenerationSettings`): nothing
+comes from the language model's `generation_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import numpy as np
+import torch
+
+from dsvl_cli import __version__
+from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
+from dsvl_cli.data.images import load_image
+from dsvl_cli.data.template import encode_prompt
+from dsvl_cli.errors import ConfigError, DataError
+from dsvl_cli.inference.generation import GenerationSettings, TextPieceStreamer
+
+if TYPE_CHECKING:
+    from dsvl_cli.inference.loader import LoadedModel
+    from dsvl_cli.model.builder import Built
+
+Overflow = Literal["error", "drop_oldest"]
+OVERFLOW_MODES: tuple[str, ...] = get_args(Overflow)
+TRANSCRIPT_FORMAT = "dsvl-chat-transcript"
+
+
+class ContextOverflow(DataError):
+    """The next round does not fit in the model's context (overflow mode "error")."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer and how it was produced.
+
+    Attributes:
+        text: the answer, surrounding whitespace stripped.
+        finish_reason: "eos" (the model ended its answer) or "length" (max_new_tokens reached).
+        new_tokens: tokens generated (EOS included).
+        fed_tokens: tokens the model read this round (not in the cache).
+        cached_tokens: tokens reused from the cache.
+        image_numbers: the numbers (`### Image k:`) given to this round's images.
+        dropped_rounds: rounds dropped to make room (overflow "drop_oldest").
+    """
+
+    text: str
+    finish_reason: str
+    new_tokens: int
+    fed_tokens: int
+    cached_tokens: int
+    image_numbers: list[int]
+    dropped_rounds: int = 0
+
+
+@dataclass
+class Round:
+    """A finished round: its text, images and ids (prompt from BOS to `### Answer:\\n`)."""
+
+    question: str
+    images: list[str]
+    pixels: torch.Tensor
+    prompt_ids: list[int]
+    answer: str
+    answer_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "eos"
+
+
+def user_content(question: str, num_images: int) -> str:
+    """The user message for a round: one placeholder line per image, then the question."""
+    return "\n".join([IMAGE_PLACEHOLDER] * num_images + [question.strip()])
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
+@dataclass
+class _Plan:
+    """The next round before it runs: kept rounds, their history ids and cache, the prompt."""
+
+    rounds: list[Round]
+    history: list[int]
+    cache: Any
+    dropped: int
+    prompt: list[int]
+
+
+class ChatSession:
+    """A multi-round, multi-image conversation with one model (see the module docstring).
+
+    Args:
+        built: model, tokenizer and image transform (`Built`, or `LoadedModel.built`).
+        settings: decoding settings.
+        max_context: token limit of a conversation (None: no check).
+        max_images: images a conversation may hold (None: no limit).
+        overflow: "error" or "drop_oldest".
+        system: system prompt override (None: the template's default).
+        device: where inputs go (default: the device of the token embeddings).
+    """
+
+    def __init__(
+        self,
+        built: Built,
+        settings: GenerationSettings | None = None,
+        *,
+        max_context: int | None = None,
+        max_images: int | None = None,
+        overflow: Overflow = "error",
+        system: str | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        if overflow not in OVERFLOW_MODES:
+            raise ConfigError(f"overflow {overflow!r}: choose one of {', '.join(OVERFLOW_MODES)}")
+        self.model = built.model
+        self.tokenizer = built.tokenizer
+        self.image_transform = built.image_transform
+        self.settings = settings or GenerationSettings()
+        self.max_context = max_context
+        self.max_images = max_images
+        self.overflow = overflow
+        self.system = system
+        self.device = device or self.model.get_input_embeddings().weight.device
+        self.eos = int(self.tokenizer.eos_token_id)
+        self.generation_config = self.settings.generation_config(self.tokenizer)
+        self.rounds: list[Round] = []
+        self.history_ids: list[int] = []
+        self.dropped_rounds = 0
+        self._cache: Any = None
+
+    @classmethod
+    def from_loaded(
+        cls,
+        loaded: LoadedModel,
+        settings: GenerationSettings | None = None,
+        overflow: Overflow = "error",
+        max_context: int | None = None,
+    ) -> ChatSession:
+        """A session with the limits of the model's config (`max_context` may lower it)."""
+        limit = loaded.max_context if max_context is None else min(max_context, loaded.max_context)
+        return cls(
+            loaded.built,
+            settings,
+            max_context=limit,
+            max_images=loaded.max_images,
+            overflow=overflow,
+            device=loaded.device,
+        )
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def images(self) -> list[str]:
+        """Image paths of the conversation so far, in number order."""
+        return [path for r in self.rounds for path in r.images]
+
+    @property
+    def cached_tokens(self) -> int:
+        return 0 if self._cache is None else int(self._cache.get_seq_length())
+
+    @property
+    def conversation(self) -> Conversation:
+        """The conversation so far, answers included (what `history_ids` renders)."""
+        messages = []
+        for r in self.rounds:
+            messages += [
+                Message("user", user_content(r.question, len(r.images))),
+                Message("assistant", r.answer),
+            ]
+        return Conversation(messages, self.images, id="chat", source="chat", system=self.system)
+
+    def clear(self) -> None:
+        """Forget the conversation (images, history, cache)."""
+        self.rounds = []
+        self.history_ids = []
+        self.dropped_rounds = 0
+        self._cache = None
+
+    def transcript(self, model_folder: str | Path | None = None) -> dict[str, Any]:
+        """The conversation as a JSON-ready dict (a prepared-JSONL record plus settings)."""
+        record = self.conversation.to_dict()
+        record.update(
+            format=TRANSCRIPT_FORMAT,
+            dsvl_version=__version__,
+            model=None if model_folder is None else str(model_folder),
+            generation=self.settings.to_dict(),
+            dropped_rounds=self.dropped_rounds,
+            finish_reasons=[r.finish_reason for r in self.rounds],
+        )
+        return record
+
+    def save(self, path: str | Path, model_folder: str | Path | None = None) -> Path:
+        """Write `transcript()` as JSON to `path`; DataError if it cannot be written."""
+        path = Path(path).expanduser()
+        text = json.dumps(self.transcript(model_folder), indent=2, ensure_ascii=False) + "\n"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        except OSError as err:
+            raise DataError(f"cannot write transcript {path}: {err.strerror}") from None
+        return path
+
+    # ------------------------------------------------------------------ one round
+
+    def check_images(self, count: int) -> None:
+        """DataError if `count` more images would exceed the conversation's limit."""
+        total = len(self.images) + count
+        if self.max_images is not None and total > self.max_images:
+            raise DataError(
+                f"too many images: the conversation would hold {total}, the model takes at most "
+                f"{self.max_images} (model.max_images_per_sample); /clear starts a new one"
+            )
+
+    def load_pixels(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        """Load and transform images in order ([n, 3, H, W] on the CPU); ImageLoadError if bad."""
+        if not paths:
+            return torch.zeros(0, 3, 0, 0)
+        return torch.stack([self.image_transform(load_image(p)) for p in paths])
+
+    def ask(
+        self,
+        question: str,
+        images: Sequence[str | Path] = (),
+        on_text: Callable[[str], None] | None = None,
+    ) -> Reply:
+        """Answer `question` about `images` (attached to this round) given the conversation.
+
+        `on_text` receives the answer piece by piece while it is generated. On any error
+        (bad image, too many images, context overflow, interruption) the conversation is left
+        as it was; the session changes only once the answer is complete.
+        """
+        if not question.strip() and not images:
+            raise DataError("empty question: type a question")
+        paths = [str(p) for p in images]
+        self.check_images(len(paths))
+        pixels = self.load_pixels(paths)
+        plan = self._fit(question, len(paths))
+        cached = 0 if plan.cache is None else int(plan.cache.get_seq_length())
+        sequence = self._generate(plan, pixels, on_text)
+        text, finish, new_tokens = self._commit(plan, question, paths, pixels, sequence)
+        first = len(self.images) - len(paths) + 1
+        return Reply(
+            text=text,
+            finish_reason=finish,
+            new_tokens=new_tokens,
+            fed_tokens=len(sequence) - new_tokens - cached,
+            cached_tokens=cached,
+            image_numbers=list(range(first, first + len(paths))),
+            dropped_rounds=plan.dropped,
+        )
+
+    def _encode(
+        self, question: str, num_images: int, first_image: int, first_round: bool
+    ) -> list[int]:
+        conv = Conversation(
+            [Message("user", user_content(question, num_images))],
+            images=[""] * num_images,  # paths do not enter the ids
+            system=self.system,
+        )
+        return encode_prompt(
+            conv,
+            self.tokenizer,
+            self.model.image_token_id,
+            self.model.tokens_per_image,
+            first_image_index=first_image,
+            include_system=first_round,
+        )
+
+    def _fit(self, question: str, num_images: int) -> _Plan:
+        """Plan the round: the prompt, and the rounds kept to make room as `overflow` says."""
+        plan = _Plan(self.rounds, self.history_ids, self._cache, 0, [])
+        while True:
+            first = sum(len(r.images) for r in plan.rounds) + 1
+            plan.prompt = self._encode(question, num_images, first, not plan.rounds)
+            need = len(plan.history) + len(plan.prompt) + self.settings.max_new_tokens
+            if self.max_context is None or need <= self.max_context:
+                return plan
+            if self.overflow == "error" or not plan.rounds:
+                raise ContextOverflow(
+                    f"context full: {len(plan.history)} tokens of history + "
+                    f"{len(plan.prompt)} for this question + {self.settings.max_new_tokens} to "
+                    f"answer > {self.max_context}; /clear, ask with fewer images, lower "
+                    "--max-new-tokens, or use overflow drop_oldest"
+                )
+            plan = self._without_oldest(plan)
+
+    def _without_oldest(self, plan: _Plan) -> _Plan:
+        """`plan` minus its first round, the rest re-rendered as a fresh conversation."""
+        rounds, history, first = [], [], 1
+        for i, r in enumerate(plan.rounds[1:]):
+            prompt = self._encode(r.question, len(r.images), first, i == 0)
+            rounds.append(replace(r, prompt_ids=prompt))
+            history += prompt + r.answer_ids + [self.eos]
+            first += len(r.images)
+        return _Plan(rounds, history, None, plan.dropped + 1, [])
+
+    def _generate(
+        self, plan: _Plan, pixels: torch.Tensor, on_text: Callable[[str], None] | None
+    ) -> list[int]:
+        """Run `generate` over history + prompt; the full id sequence (`plan.cache` updated)."""
+        ids = torch.tensor([plan.history + plan.prompt], device=self.device)
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "generation_config": self.generation_config,
+        }
+        parts = [pixels]
+        if plan.cache is None:  # no cache (first round, or rebuilt): every kept image goes in
+            parts = [r.pixels for r in plan.rounds] + parts
+        parts = [p for p in parts if p.shape[0]]
+        if parts:
+            kwargs["pixel_values"] = torch.cat(parts).to(self.device)
+        if plan.cache is not None:
+            kwargs["past_key_values"] = plan.cache
+        if on_text is not None:
+            kwargs["streamer"] = TextPieceStreamer(self.tokenizer, on_text)
+        torch.manual_seed(self.settings.seed)
+        try:
+            out = self.model.generate(**kwargs)
+        except BaseException:
+            if plan.cache is self._cache:
+                # generate extends the cache in place; a half-written cache is not reusable.
+                self._cache = None
+            raise
+        plan.cache = out.past_key_values
+        return out.sequences[0].tolist()
+
+    def _commit(
+        self,
+        plan: _Plan,
+        question: str,
+        paths: list[str],
+        pixels: torch.Tensor,
+        sequence: list[int],
+    ) -> tuple[str, str, int]:
+        """Record the round; keep the cache only where it matches the training rendering.
+
+        Returns the answer text, the finish reason and the number of generated tokens.
+        """
+        new = sequence[len(plan.history) + len(plan.prompt) :]
+        finish = "eos" if self.eos in new else "length"
+        generated = new[: new.index(self.eos)] if finish == "eos" else new
+        text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+        answer_ids = self.answer_ids(text)
+        history = plan.history + plan.prompt + answer_ids + [self.eos]
+        self._cache = self._crop(plan.cache, common_prefix(sequence, history))
+        self.history_ids = history
+        self.rounds = [
+            *plan.rounds,
+            Round(question.strip(), paths, pixels, plan.prompt, text, answer_ids, finish),
+        ]
+        self.dropped_rounds += plan.dropped
+        return text, finish, len(new)
+
+    def answer_ids(self, text: str) -> list[int]:
+        """Ids of an answer as the template tokenises it (its own segment, no specials)."""
+        if not text:
+            return []
+        encoded = self.tokenizer([text], add_special_tokens=False, split_special_tokens=True)
+        return list(encoded["input_ids"][0])
+
+    @staticmethod
+    def _crop(cache: Any, keep: int) -> Any:
+        """The cache cut to its first `keep` positions, or None if it cannot be cut."""
+        if cache is None:
+            return None
+        length = int(cache.get_seq_length())
+        if keep >= length:
+            return cache
+        if not getattr(cache, "is_croppable", False):
+            return None
+        cache.crop(keep - length)  # transformers 5: a negative count removes from the end
+        return cache

@@ -1,0 +1,144 @@
+"""`dsvl train` on real DeepSpeed (CPU): ZeRO stages, exports, exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dsvl_cli.config import load_config
+from dsvl_cli.data.synthetic import generate_synthetic
+from dsvl_cli.train.checkpoint import find_resume
+from dsvl_cli.train.export import load_model_folder
+from dsvl_cli.train.launch import launcher_command
+from dsvl_cli.train.trainer import fit
+
+ROOT = Path(__file__).parent.parent
+RECIPE = ROOT / "recipes" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    generate_synthetic(out, num=60, seed=0)
+    return out
+
+
+def overrides(shapes: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.language_model={shapes}/models/lm",
+        f"model.vision.path={shapes}/models/vision",
+        f"data.prepared_dir={shapes}",
+        f"train.output_dir={out}",
+        "train.micro_batch_size=4",
+        "train.global_batch_size=4",
+        "train.log_every=1",
+        *extra,
+    ]
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_zero_stages_train_evaluate_and_export(shapes: Path, tmp_path: Path, stage: int) -> None:
+    config = load_config(
+        RECIPE,
+        overrides(shapes, tmp_path, "train.max_steps=3", f"distributed.zero_stage={stage}"),
+    )
+    result = fit(config)
+    assert result.steps == 3 and len(result.losses) == 3
+    assert all(loss == loss and loss > 0 for loss in result.losses)
+    for name in ("best", "final"):
+        folder = tmp_path / name
+        assert {"config.yaml", "meta.json", "model.safetensors"} <= {
+            p.name for p in folder.iterdir()
+        }
+    assert (tmp_path / "checkpoints").exists() or config.train.save_every > 3
+    built = load_model_folder(tmp_path / "final")
+    assert built.model.tokens_per_image == 17
+    assert (tmp_path / "blend.json").is_file() and (tmp_path / "config.yaml").is_file()
+
+
+def test_loss_falls_on_the_synthetic_task(shapes: Path, tmp_path: Path) -> None:
+    config = load_config(RECIPE, overrides(shapes, tmp_path, "train.max_steps=30"))
+    result = fit(config)
+    first, last = result.losses[0], sum(result.losses[-5:]) / 5
+    assert last < 0.6 * first, result.losses
+
+
+def _run_cli(*args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # each CLI run sets up its own single-process group
+    return subprocess.Popen(
+        [sys.executable, "-m", "dsvl_cli", "train", str(RECIPE), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def test_resume_after_sigkill_equals_uninterrupted(shapes: Path, tmp_path: Path) -> None:
+    # A constant schedule so both runs see the same lr whatever their total step count.
+    common = ("optim.schedule=constant", "optim.warmup_ratio=null", "train.save_every=3")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    reference = _run_cli(*overrides(shapes, full, "train.max_steps=9", *common))
+    output, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, output
+    victim = _run_cli(
+        *overrides(shapes, cut, "train.max_steps=500", "train.keep_last=100", *common)
+    )
+    deadline = time.time() + 240
+    while not (cut / "checkpoints" / "step-3" / "trainer_state.json").exists():
+        assert victim.poll() is None and time.time() < deadline, victim.communicate()[0]
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    resumed = _run_cli(
+        *overrides(shapes, cut, "train.max_steps=9", f"train.resume={cut}/checkpoints/step-3"),
+        *common,
+    )
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    expected, got = losses(full), losses(cut)
+    for step in range(4, 10):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), (step, expected, got)
+
+
+def test_resume_ignores_half_written_checkpoints(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    (root / "step-3").mkdir(parents=True)
+    (root / "step-3" / "trainer_state.json").write_text("{}")
+    (root / ".tmp-step-6" / "state").mkdir(parents=True)  # killed during a save
+    (root / "step-9").mkdir()  # renamed without its state file: never produced, but guard anyway
+    assert find_resume(tmp_path, "auto") == root / "step-3"
+    assert find_resume(tmp_path, "never") is None
+
+
+def test_launcher_command_relaunches_through_deepspeed(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
+    cmd = launcher_command(RECIPE, ["optim.lr=1e-4"], 8, hostfile, "node1", 29600)
+    assert "--hostfile" in cmd and "--num_gpus" in cmd and "--no_local_rank" in cmd
+    assert cmd[-4:] == ["dsvl_cli", "train", str(RECIPE), "optim.lr=1e-4"]
+    assert cmd[cmd.index("--master_port") + 1] == "29600"
+
+
+@pytest.mark.slow
+def test_two_processes_through_the_launcher(shapes: Path, tmp_path: Path) -> None:
+    args = overrides(shapes, tmp_path, "train.max_steps=2", "train.global_batch_size=8")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = launcher_command(RECIPE, args, 2, None, None, None)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "final" / "model.safetensors").is_file()
