@@ -17,6 +17,7 @@ import torch
 from tokenizers import AddedToken
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from dsvl_cli.config import Config, LoraSettings, ModelConfig
 from dsvl_cli.data.template import IMAGE_TOKEN
@@ -29,6 +30,7 @@ from dsvl_cli.model.vision_loader import load_vision_encoder
 from dsvl_cli.model.vlm import NewTokenEmbedding, VisualChatModel
 
 log = get_logger(__name__)
+hf_logging.disable_progress_bar()  # dsvl shows its own progress; no per-file loading bars
 
 # PEFT target modules per part when `lora.<part>.target_modules` is null.
 LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

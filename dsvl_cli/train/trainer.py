@@ -317,5 +317,5 @@ def fit(config: Config) -> FitResult:
             _export(run, f"epoch-{epoch + 1}", eval_loss)
     _export(run, "final", eval_loss)
     run.metrics.close()
-    log.info("skipped samples: %s", run.skips.summary())
+    log.info("skipped samples: %s", run.skips.summary() or "none")
     return FitResult(run.state.step, run.losses, eval_loss, run.output_dir)
