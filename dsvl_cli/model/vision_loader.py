@@ -129,7 +129,7 @@ def load_clip(path: str | None, dtype: torch.dtype) -> tuple[ClipVisionEncoder, 
     return ClipVisionEncoder(model, processor), HFImageTransform(processor)
 
 
-def _qwen_config(folder: Path) -> QwenViTConfig:
+def qwen_config(folder: Path) -> QwenViTConfig:
     config_file = _require(folder, ("config.json",), _QWEN_HINT)
     data = _read_json(config_file)
     if (
@@ -179,7 +179,7 @@ def load_qwen_vit(
 ) -> tuple[QwenVisionEncoder, HFImageTransform]:
     """Load an extract-qwen folder strictly (every key, every shape)."""
     folder = _folder(path, _QWEN_HINT)
-    config = _qwen_config(folder)
+    config = qwen_config(folder)
     _require(folder, ("preprocessor_config.json",), _QWEN_HINT)
     weights = _require(folder, QWEN_WEIGHT_FILES, _QWEN_HINT)
     state = read_state_dict(weights)
@@ -204,7 +204,7 @@ def save_qwen_vit_folder(
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def _open_clip_name(model_ref: str) -> str:
+def open_clip_name(model_ref: str) -> str:
     """Registered open_clip model name for a built-in name or a model-config JSON path."""
     if not model_ref.endswith(".json"):
         if model_ref.replace("/", "-") not in open_clip.list_models():
@@ -225,7 +225,7 @@ def _open_clip_name(model_ref: str) -> str:
     return config_path.stem
 
 
-def _open_clip_layer_config(name: str) -> CLIPVisionConfig:
+def open_clip_layer_config(name: str) -> CLIPVisionConfig:
     """One tower block's shape as a CLIPVisionConfig (for the `vit` projector)."""
     model_cfg = open_clip.get_model_config(name)
     vision = open_clip.CLIPVisionCfg(**model_cfg["vision_cfg"])
@@ -242,7 +242,7 @@ def build_open_clip_encoder(
     model_ref: str, weights: str | None, dtype: torch.dtype | None = None
 ) -> tuple[OpenClipVisionEncoder, ImageTransform]:
     """Build an open_clip image tower; `weights=None` leaves it randomly initialised (tests)."""
-    name = _open_clip_name(model_ref)
+    name = open_clip_name(model_ref)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=weights, pretrained_text=False, weights_only=True
@@ -260,6 +260,6 @@ def build_open_clip_encoder(
     # ln_post and proj act on the pooled token only, which dsvl never uses: drop them.
     visual.prune_intermediate_layers(indices=1, prune_norm=True, prune_head=True)
     encoder = OpenClipVisionEncoder(
-        visual.to(dtype or torch.float32), _open_clip_layer_config(name)
+        visual.to(dtype or torch.float32), open_clip_layer_config(name)
     )
     return encoder, preprocess

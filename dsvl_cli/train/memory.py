@@ -225,7 +225,7 @@ def _meta_vision(cfg: VisionConfig) -> tuple[nn.Module, LayerShape]:
         return _meta_open_clip(cfg)
     if cfg.kind == "qwen_vit":
         # the loader's reader: also accepts folders written by the original DSVL helper
-        _, qwen = _folder_config(cfg.path, "vision encoder", vision_loader._qwen_config)
+        _, qwen = _folder_config(cfg.path, "vision encoder", vision_loader.qwen_config)
         with torch.device("meta"):
             encoder = vision.QwenVisionEncoder(QwenViT(qwen))
         return encoder, LayerShape(qwen.width, qwen.mlp_size, qwen.layers, qwen.grid_size**2)
@@ -245,7 +245,7 @@ def _meta_open_clip(cfg: VisionConfig) -> tuple[nn.Module, LayerShape]:
 
     if not cfg.open_clip_model:
         raise _Unknown("unknown (vision.open_clip_model not set)")
-    name = vision_loader._open_clip_name(cfg.open_clip_model)
+    name = vision_loader.open_clip_name(cfg.open_clip_model)
     # open_clip warns (root logger) that a model without weights is random: true, and beside
     # the point here (shapes only), and it would mislead a dry-run reader.
     previous = logging.root.manager.disable
@@ -256,7 +256,7 @@ def _meta_open_clip(cfg: VisionConfig) -> tuple[nn.Module, LayerShape]:
     finally:
         logging.disable(previous)
     visual.prune_intermediate_layers(indices=1, prune_norm=True, prune_head=True)
-    layer = vision_loader._open_clip_layer_config(name)
+    layer = vision_loader.open_clip_layer_config(name)
     encoder = vision.OpenClipVisionEncoder(visual, layer)
     layers = len(visual.transformer.resblocks)
     shape = LayerShape(layer.hidden_size, layer.intermediate_size, layers, encoder.num_tokens)
