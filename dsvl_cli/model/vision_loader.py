@@ -259,7 +259,5 @@ def build_open_clip_encoder(
         log.warning("open_clip model %s is randomly initialised (no weights file)", name)
     # ln_post and proj act on the pooled token only, which dsvl never uses: drop them.
     visual.prune_intermediate_layers(indices=1, prune_norm=True, prune_head=True)
-    encoder = OpenClipVisionEncoder(
-        visual.to(dtype or torch.float32), open_clip_layer_config(name)
-    )
+    encoder = OpenClipVisionEncoder(visual.to(dtype or torch.float32), open_clip_layer_config(name))
     return encoder, preprocess
