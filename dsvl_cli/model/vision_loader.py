@@ -152,8 +152,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Raise a CheckpointError listing a few missing, unexpected or mis-shaped keys."""
+def key_mismatches(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], examples: int = 4
+) -> list[str]:
+    """Missing, unexpected and mis-shaped keys of `state` against `model`, one line per kind."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -162,11 +164,16 @@ def _check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
         for k in set(expected) & set(state)
         if tuple(state[k].shape) != expected[k]
     )
-    problems = [
-        f"{label} {len(keys)} (e.g. {', '.join(keys[:4])})"
+    return [
+        f"{label} {len(keys)} (e.g. {', '.join(keys[:examples])})"
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
         if keys
     ]
+
+
+def _check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Raise a CheckpointError listing a few missing, unexpected or mis-shaped keys."""
+    problems = key_mismatches(model, state)
     if problems:
         raise CheckpointError(
             f"{source} does not match its config.json: {'; '.join(problems)}; {_QWEN_HINT} "

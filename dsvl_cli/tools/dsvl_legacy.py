@@ -38,6 +38,7 @@ from dsvl_cli.config import Config, validate_config
 from dsvl_cli.errors import CheckpointError
 from dsvl_cli.log import get_logger
 from dsvl_cli.model.builder import build_model
+from dsvl_cli.model.vision_loader import key_mismatches
 from dsvl_cli.model.vlm import VisualChatModel
 from dsvl_cli.tools.fuse_lora import (
     FROZEN,
@@ -275,19 +276,7 @@ def map_state(
 
 def check_keys(mapped: dict[str, torch.Tensor], model: VisualChatModel, source: Path) -> None:
     """Every model key present with its shape, nothing extra; else a CheckpointError."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(mapped))
-    unexpected = sorted(set(mapped) - set(expected))
-    shapes = sorted(
-        f"{k} {tuple(mapped[k].shape)} != {expected[k]}"
-        for k in set(expected) & set(mapped)
-        if tuple(mapped[k].shape) != expected[k]
-    )
-    problems = [
-        f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-        if keys
-    ]
+    problems = key_mismatches(model, mapped, examples=3)
     if problems:
         raise CheckpointError(
             f"{source} does not match --lm/--vision/--projector: {'; '.join(problems)}; pass the "
