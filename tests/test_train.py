@@ -142,3 +142,22 @@ def test_two_processes_through_the_launcher(shapes: Path, tmp_path: Path) -> Non
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_nonfinite_loss_stops_with_a_clear_error(shapes: Path, tmp_path: Path) -> None:
+    from dsvl_cli.train.trainer import TrainingError
+
+    extra = (
+        "train.max_steps=6",
+        "optim.lr=1e30",
+        "optim.warmup_ratio=null",
+        "train.on_nonfinite=stop",
+    )
+    with pytest.raises(TrainingError, match="non-finite loss at step"):
+        fit(load_config(RECIPE, overrides(shapes, tmp_path, *extra)))
+
+
+def test_nonfinite_loss_is_skipped_when_configured(shapes: Path, tmp_path: Path) -> None:
+    extra = ("train.max_steps=6", "optim.lr=1e30", "optim.warmup_ratio=null")
+    result = fit(load_config(RECIPE, overrides(shapes, tmp_path, *extra)))
+    assert result.steps == 6  # the run goes on; skipped micro-batches are logged

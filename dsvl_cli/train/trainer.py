@@ -146,21 +146,19 @@ def train_step(run: Run, window: list[Batch]) -> tuple[float, int]:
     counts = torch.tensor([sum(_supervised(b) for b in window)], dtype=torch.float64)
     global_tokens = max(float(dist.all_reduce_sum(counts.to(run.device)).item()), 1.0)
     loss_total = torch.zeros((), dtype=torch.float64, device=run.device)
-    skipped_boundary = False
-    for index, batch in enumerate(window):
+    for batch in window:
         run.skips.update(batch)
         out = engine(**_inputs(run, batch))
         bad = torch.tensor([0.0 if torch.isfinite(out.loss_sum) else 1.0], device=run.device)
         if dist.all_reduce_max(bad).item() > 0:
             _on_nonfinite(run, batch)
-            skipped_boundary = index == len(window) - 1
-            engine.step()
-            continue
+            # Drop this micro-batch but keep every rank's backward/step sequence identical:
+            # an unsupervised dummy input gives a finite zero loss with a connected graph.
+            out = engine(**_empty_inputs(run))
+        else:
+            loss_total += out.loss_sum.detach().double()
         engine.backward(out.loss_sum * scale / global_tokens)
         engine.step()
-        loss_total += out.loss_sum.detach().double()
-    if skipped_boundary and dist.world_size() > 1 and run.config.distributed.zero_stage < 3:
-        engine.allreduce_gradients()  # the skipped boundary backward would have done it
     loss = float(dist.all_reduce_sum(loss_total).item()) / global_tokens
     tokens = torch.tensor([sum(0 if b.is_empty else int(b.attention_mask.sum()) for b in window)])
     return loss, int(dist.all_reduce_sum(tokens.to(run.device)).item())
