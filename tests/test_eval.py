@@ -10,14 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from rich.console import Console
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dsvl_cli.config import validate_config  # noqa: E402
+from inference_helpers import make_export, steer  # noqa: E402
+
 from dsvl_cli.data.conversation import Conversation, Message, write_jsonl  # noqa: E402
-from dsvl_cli.data.synthetic import generate_synthetic  # noqa: E402
 from dsvl_cli.errors import DataError  # noqa: E402
 from dsvl_cli.inference.evaluate import CSV_COLUMNS, run_eval  # noqa: E402
 from dsvl_cli.inference.generation import GenerationSettings  # noqa: E402
@@ -30,11 +29,8 @@ from dsvl_cli.inference.scoring import (  # noqa: E402
     teacher_forced_loss,
 )
 from dsvl_cli.inference.session import ChatSession  # noqa: E402
-from dsvl_cli.model.builder import build_model  # noqa: E402
-from dsvl_cli.train.export import export_model  # noqa: E402
 
 SETTINGS = GenerationSettings(max_new_tokens=6, repetition_penalty=1.5)
-WORDS = ["red", "blue", " the", " first", " second", " circle", " square", "."]
 EVAL_SET = {
     "cats": [
         ["What is in the image?", "images/000000.png"],
@@ -47,19 +43,7 @@ EVAL_SET = {
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    generate_synthetic(root, num=12, seed=0)
-    tree = {
-        "model": {
-            "language_model": str(root / "models/lm"),
-            "vision": {"kind": "clip", "path": str(root / "models/vision")},
-            "max_seq_len": 512,
-        }
-    }
-    config = validate_config(tree)
-    torch.manual_seed(0)
-    built = build_model(config)
-    export_model(built.model, built, config, root / "export", {"step": 0})
+    root = make_export(tmp_path_factory.mktemp("shapes"))
     (root / "set.json").write_text(json.dumps(EVAL_SET), encoding="utf-8")
     return root
 
@@ -67,13 +51,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def loaded(shapes: Path) -> LoadedModel:
     """The export with its LM head biased toward a few words, so answers are readable."""
-    loaded = load_for_inference(shapes / "export", device="cpu", dtype="fp32")
-    tok = loaded.built.tokenizer
-    bias = torch.zeros(len(tok))
-    bias[[i for w in WORDS for i in tok(w, add_special_tokens=False)["input_ids"]]] = 6.0
-    bias[tok.eos_token_id] = 6.0
-    loaded.model.get_output_embeddings().bias = torch.nn.Parameter(bias)
-    return loaded
+    return steer(load_for_inference(shapes / "export", device="cpu", dtype="fp32"))
 
 
 def quiet() -> Console:

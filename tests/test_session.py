@@ -11,10 +11,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dsvl_cli.config import validate_config  # noqa: E402
+from inference_helpers import make_export, steer  # noqa: E402
+
 from dsvl_cli.data.conversation import Conversation, Message  # noqa: E402
 from dsvl_cli.data.images import ImageLoadError  # noqa: E402
-from dsvl_cli.data.synthetic import generate_synthetic  # noqa: E402
 from dsvl_cli.data.template import encode_conversation, encode_prompt  # noqa: E402
 from dsvl_cli.errors import ConfigError, DataError  # noqa: E402
 from dsvl_cli.inference.generation import GenerationSettings  # noqa: E402
@@ -25,42 +25,13 @@ from dsvl_cli.inference.loader import (  # noqa: E402
     resolve_dtype,
 )
 from dsvl_cli.inference.session import ChatSession, ContextOverflow, user_content  # noqa: E402
-from dsvl_cli.model.builder import build_model  # noqa: E402
-from dsvl_cli.train.export import export_model  # noqa: E402
 
 SETTINGS = GenerationSettings(max_new_tokens=8, repetition_penalty=1.5)
-# Random weights answer in bytes; a bias on a few words (and on EOS, just below them) makes the
-# tiny model answer in words, stop early in some rounds and run to max_new_tokens in others, and
-# start some answers with a space (a non-canonical tokenisation the session must repair).
-WORDS = ["red", "blue", " the", " first", " second", " circle", " square", "."]
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    generate_synthetic(root, num=12, seed=0)
-    tree = {
-        "model": {
-            "language_model": str(root / "models/lm"),
-            "vision": {"kind": "clip", "path": str(root / "models/vision")},
-            "max_seq_len": 512,
-        }
-    }
-    config = validate_config(tree)
-    torch.manual_seed(0)
-    built = build_model(config)
-    export_model(built.model, built, config, root / "export", {"step": 0})
-    return root
-
-
-def steer(loaded: LoadedModel) -> LoadedModel:
-    tok = loaded.built.tokenizer
-    ids = [i for w in WORDS for i in tok(w, add_special_tokens=False)["input_ids"]]
-    bias = torch.zeros(len(tok))
-    bias[ids] = 6.0
-    bias[tok.eos_token_id] = 6.0
-    loaded.model.get_output_embeddings().bias = torch.nn.Parameter(bias)
-    return loaded
+    return make_export(tmp_path_factory.mktemp("shapes"))
 
 
 @pytest.fixture(scope="module")
