@@ -91,14 +91,22 @@ class Blend:
     eval_file: Path | None = None
     eval_file_conversations: list[Conversation] = field(default_factory=list)
     _eval: Split | None = field(default=None, repr=False)
+    _train: tuple[int, Split] | None = field(default=None, repr=False)
 
     def train_split(self, epoch: int) -> Split:
-        """This epoch's training conversations: each source grouped with (seed, source, epoch)."""
+        """This epoch's training conversations: each source grouped with (seed, source, epoch).
+
+        The latest epoch's split is cached: the trainer asks for it several times (step count,
+        blend report, the epoch itself) and regrouping a large blend takes seconds.
+        """
+        if self._train is not None and self._train[0] == epoch:
+            return self._train[1]
         split = Split()
         for pool in self.pools:
             rng = _rng(self.seed, pool.name, _STREAM_GROUP_TRAIN, epoch)
             groups = group(pool.train, pool.spec.concat, self.max_images, rng)
             split.extend(pool.name, groups, pool.path.parent)
+        self._train = (epoch, split)
         return split
 
     def eval_split(self) -> Split:
