@@ -15,7 +15,9 @@ from dsvl_cli.train.export import export_model
 
 # Random weights answer in bytes; a bias on a few words (and on EOS, just below them) makes the
 # tiny model answer in words, stop early in some rounds and run to max_new_tokens in others, and
-# start some answers with a space (a non-canonical tokenisation the session must repair).
+# start some answers with a space (a non-canonical tokenisation the session must repair). The EOS
+# bias is tuned by hand for the synthetic generator's text (its tokenizer): the session test
+# checks that both endings occur, so re-tune it if that text changes.
 WORDS = ["red", "blue", " the", " first", " second", " circle", " square", "."]
 
 
@@ -42,6 +44,6 @@ def steer(loaded: LoadedModel) -> LoadedModel:
     tok = loaded.built.tokenizer
     bias = torch.zeros(len(tok))
     bias[[i for w in WORDS for i in tok(w, add_special_tokens=False)["input_ids"]]] = 6.0
-    bias[tok.eos_token_id] = 6.0
+    bias[tok.eos_token_id] = 5.8
     loaded.model.get_output_embeddings().bias = torch.nn.Parameter(bias)
     return loaded

@@ -15,12 +15,8 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, read_jsonl  # noqa: E402
-from dsvl_cli.data.synthetic import (  # noqa: E402
-    BACKGROUND,
-    COLOURS,
-    conversation_texts,
-    generate_synthetic,
-)
+from dsvl_cli.data.shapes import BACKGROUND, COLOURS  # noqa: E402
+from dsvl_cli.data.synthetic import conversation_texts, generate_synthetic  # noqa: E402
 from dsvl_cli.errors import DataError  # noqa: E402
 
 NUM = 40
@@ -79,12 +75,14 @@ def test_type_mix_split_and_balance(dataset):
     train, held_out, _ = load(dataset)
     everything = train + held_out
     by_type = {t: [c for c in everything if c.meta["type"] == t] for t in ("single", "two_image")}
-    assert len(by_type["single"]) == 16 and len(by_type["two_image"]) == 16  # 40% of 40 each
-    assert sum(c.meta["type"] == "multi_round" for c in everything) == 8
+    assert len(by_type["single"]) == 14 and len(by_type["two_image"]) == 14  # 35% of 40 each
+    assert sum(c.meta["type"] == "multi_round" for c in everything) == 6
+    assert sum(c.meta["type"] == "caption" for c in everything) == 6
     answers = [c.meta["answer"] for c in by_type["two_image"]]
-    assert answers.count("the first") == answers.count("the second") == 8
-    assert {c.meta["type"] for c in held_out} == {"single", "two_image", "multi_round"}
-    assert len(held_out) == 5  # 10% of each type, at least one each
+    assert sum(a.endswith("is the first.") for a in answers) == 7
+    assert sum(a.endswith("is the second.") for a in answers) == 7
+    assert {c.meta["type"] for c in held_out} == {"single", "two_image", "multi_round", "caption"}
+    assert len(held_out) == 4  # 10% of each type, at least one each
     ids = [c.id for c in everything]
     assert len(set(ids)) == NUM and not {c.id for c in train} & {c.id for c in held_out}
 
@@ -96,7 +94,9 @@ def test_records_validate_and_images_open(dataset):
         assert conv.source == "synthetic"
         assert sum(m.num_images for m in conv.messages) == conv.num_images
         assert conv.messages[-1].content == conv.meta["answer"]
-        expected_images = {"single": 1, "two_image": 2, "multi_round": 2}[conv.meta["type"]]
+        expected_images = {"single": 1, "two_image": 2, "multi_round": 2}.get(conv.meta["type"])
+        if expected_images is None:  # caption: "Describe the image." or one of two images
+            expected_images = 1 if conv.meta["kind"] == "one_image" else 2
         assert conv.num_images == expected_images and len(conv.meta["scenes"]) == expected_images
         for rel in conv.images:
             assert not Path(rel).is_absolute()
@@ -104,20 +104,33 @@ def test_records_validate_and_images_open(dataset):
                 assert image.size == (32, 32) and image.mode == "RGB"
 
 
+def _name(scene: list[dict], **match: str) -> tuple[str, str]:
+    """(colour, shape) of the one shape in `scene` with the given shape or colour."""
+    (found,) = [s for s in scene if all(s[key] == value for key, value in match.items())]
+    return found["colour"], found["shape"]
+
+
 def _expected_answer(question: str, scenes: list[list[dict]], image_index: int) -> str:
     """Answer a question from the recorded scenes alone (independent of the generator)."""
-    if m := re.fullmatch(r"What colour is the (\w+)( in the second image)?\?", question):
-        scene = scenes[1] if m.group(2) else scenes[image_index]
-        (match,) = [s for s in scene if s["shape"] == m.group(1)]
-        return match["colour"]
+    if m := re.fullmatch(r"What colour is the (\w+)\?", question):
+        colour, shape = _name(scenes[image_index], shape=m.group(1))
+        return f"The {shape} is {colour}."
+    if m := re.fullmatch(r"What colour is the (\w+) in the second image\?", question):
+        colour, shape = _name(scenes[1], shape=m.group(1))
+        return f"In the second image, the {shape} is {colour}."
     if m := re.fullmatch(r"Which shape is (\w+)\?", question):
-        (match,) = [s for s in scenes[image_index] if s["colour"] == m.group(1)]
-        return match["shape"]
+        colour, shape = _name(scenes[image_index], colour=m.group(1))
+        return f"It is a {colour} {shape}."
+    if m := re.fullmatch(r"Describe the (image|first image|second image)\.", question):
+        scene = scenes[{"image": image_index, "first image": 0, "second image": 1}[m.group(1)]]
+        ordered = sorted(scene, key=lambda s: s["box"][0])  # left to right
+        return " and ".join(f"a {s['colour']} {s['shape']}" for s in ordered)
     m = re.fullmatch(r"Which image has a (\w+) (\w+), the first or the second\?", question)
     assert m, question
     has = [any((s["colour"], s["shape"]) == m.groups() for s in scene) for scene in scenes]
     assert sum(has) == 1, (question, scenes)
-    return "the first" if has[0] else "the second"
+    which = "first" if has[0] else "second"
+    return f"The image with the {m.group(1)} {m.group(2)} is the {which}."
 
 
 def test_every_answer_is_true_to_the_scene(dataset):

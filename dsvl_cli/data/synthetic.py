@@ -1,17 +1,25 @@
 """The synthetic "shapes" task: a small multi-image, multi-round VQA dataset drawn with PIL.
 
 It backs the CPU demo recipe (`recipes/tiny.yaml`) and the tests. Images show one or two large,
-well-separated shapes (circle, square, triangle) in vivid colours on a plain light background;
-within one image the shape types and the colours are distinct, so every question has exactly
-one short answer. Question types (`meta["type"]`; the exact answer is `meta["answer"]`):
+well-separated shapes (circle, square, triangle) in vivid colours (see `shapes.py`). Question
+types (`meta["type"]`; the exact answer is `meta["answer"]`, `meta["kind"]` the variant):
 
-- `single`: one image, "What colour is the {shape}?" -> colour, or (`meta["kind"] == "shape"`)
-  "Which shape is {colour}?" -> shape.
-- `two_image`: two images, "Which image has a {colour} {shape}, the first or the second?" ->
-  "the first" / "the second"; exactly one image has it, answers are balanced.
-- `multi_round`: round 1 asks a colour about image 1, round 2 brings image 2 and asks either the
-  colour of a shape in it (`kind == "colour"`) or which image has a given shape (`kind == "which"`).
-  Every assistant turn is supervised; `meta["answer"]` is the last one.
+- `single`: one image. "What colour is the square?" -> "The square is red." (kind `colour`) or
+  "Which shape is red?" -> "It is a red square." (kind `shape`).
+- `two_image`: two images. "Which image has a red square, the first or the second?" ->
+  "The image with the red square is the first." Exactly one image has it; answers are balanced.
+- `multi_round`: round 1 asks a colour about image 1; round 2 brings image 2 and asks which image
+  has a shape (kind `which`) or "What colour is the circle in the second image?" ->
+  "In the second image, the circle is blue." (kind `colour`). Every answer is supervised;
+  `meta["answer"]` is the last one.
+- `caption`: "Describe the image." (kind `one_image`) or, with two images, "Describe the second
+  image." (kind `one_of_two`) -> "a red square and a blue circle" (left to right).
+
+Why answers restate the question: a model of two 64-wide layers learns to look a colour up from
+the shape name right before it ("the square is" -> red) within a few hundred steps, but learns to
+answer a bare "red" to "What colour is the square?" (the shape name seven tokens earlier, behind
+the answer header) slowly and unreliably; the restated answers make the demo converge on 2 CPU
+cores in minutes. The captions teach shape features and which image is which.
 
 `meta["scenes"]` records every drawn shape (type, colour, pixel box) per image, so answers can be
 checked against the pixels. Output is byte-identical for a given seed and arguments.
@@ -22,107 +30,46 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from random import Random
 from typing import Any
 
-from PIL import Image, ImageDraw
-
 from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message, write_jsonl
+from dsvl_cli.data.shapes import Scene, Shape, describe, draw_scene, random_scene
 from dsvl_cli.errors import DataError
 from dsvl_cli.log import get_logger
 
 log = get_logger(__name__)
 
 GENERATOR = "dsvl-synthetic-shapes"
-GENERATOR_VERSION = 1  # bump whenever the same seed would draw different files
+GENERATOR_VERSION = 2  # bump whenever the same seed would draw different files
 SOURCE = "synthetic"
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 0, 0),
-    "green": (0, 170, 0),
-    "blue": (0, 0, 230),
-    "yellow": (255, 215, 0),
+QUESTION_TYPES: tuple[str, ...] = ("single", "two_image", "multi_round", "caption")
+DEFAULT_MIX: dict[str, float] = {
+    "single": 0.35,
+    "two_image": 0.35,
+    "multi_round": 0.15,
+    "caption": 0.15,
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-BACKGROUND = (240, 240, 240)
-QUESTION_TYPES: tuple[str, ...] = ("single", "two_image", "multi_round")
-DEFAULT_MIX: dict[str, float] = {"single": 0.4, "two_image": 0.4, "multi_round": 0.2}
-SHAPE_QUESTION_FRACTION = 0.3  # share of `single` samples asking "Which shape is {colour}?"
-ANSWERS_BY_INDEX = ("the first", "the second")
+SHAPE_QUESTION_FRACTION = 0.5  # share of `single` samples asking "Which shape is {colour}?"
+TWO_IMAGE_CAPTION_FRACTION = 0.5  # share of `caption` samples describing one of two images
+ORDINALS = ("first", "second")
 OUTPUT_ENTRIES = frozenset({"images", "models", "train.jsonl", "eval.jsonl", "manifest.json"})
 
-
-@dataclass(frozen=True)
-class Shape:
-    """One drawn shape; `box` is (x0, y0, x1, y1) in pixels, inclusive."""
-
-    kind: str
-    colour: str
-    box: tuple[int, int, int, int]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"shape": self.kind, "colour": self.colour, "box": list(self.box)}
-
-
-Scene = tuple[Shape, ...]
 Draft = tuple[list[str], list[Scene], str]  # (alternating user/assistant texts, scenes, kind)
 
 
-def _layout(rng: Random, size: int, count: int) -> list[tuple[int, int, int, int]]:
-    """Boxes for `count` shapes: one large centred shape, or two side by side (left, right)."""
-    slot = size if count == 1 else size // 2
-    side = round(size * (0.6 if count == 1 else 0.4))
-    # Small jitter keeps a margin inside the slot, so shapes never touch each other or the edge.
-    jitter = max(0, min(size // 16, (slot - side) // 2 - 1))
-    boxes = []
-    for index in range(count):
-        cx = slot * index + slot // 2 + rng.randint(-jitter, jitter)
-        cy = size // 2 + rng.randint(-jitter, jitter)
-        x0, y0 = cx - side // 2, cy - side // 2
-        boxes.append((x0, y0, x0 + side - 1, y0 + side - 1))
-    return boxes
+def _colour_turns(target: Shape) -> list[str]:
+    return [f"What colour is the {target.kind}?", f"The {target.kind} is {target.colour}."]
 
 
-def random_scene(rng: Random, size: int, exclude: tuple[str, str] | None = None) -> Scene:
-    """Draw 1-2 shapes with distinct types and colours.
-
-    Args:
-        rng: the generator's random source.
-        size: image side in pixels.
-        exclude: a (colour, shape) pair the scene must not contain.
-    """
-    count = rng.choice((1, 2))
-    kinds = rng.sample(SHAPES, count)
-    colours = rng.sample(list(COLOURS), count)
-    pairs = list(zip(colours, kinds, strict=True))
-    if exclude is not None and exclude in pairs:
-        free = [c for c in COLOURS if c not in colours]
-        pairs[pairs.index(exclude)] = (rng.choice(free), exclude[1])
-    rng.shuffle(pairs)
-    boxes = _layout(rng, size, count)
-    return tuple(Shape(kind, colour, box) for (colour, kind), box in zip(pairs, boxes, strict=True))
-
-
-def draw_scene(scene: Scene, size: int) -> Image.Image:
-    """Render a scene as an RGB image (no anti-aliasing: shape pixels have the exact colour)."""
-    image = Image.new("RGB", (size, size), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    for shape in scene:
-        fill = COLOURS[shape.colour]
-        x0, y0, x1, y1 = shape.box
-        if shape.kind == "circle":
-            draw.ellipse(shape.box, fill=fill)
-        elif shape.kind == "square":
-            draw.rectangle(shape.box, fill=fill)
-        else:
-            draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    return image
-
-
-def _which_question(target: Shape) -> str:
-    return f"Which image has a {target.colour} {target.kind}, the first or the second?"
+def _which_turns(target: Shape, answer_index: int) -> list[str]:
+    name = f"{target.colour} {target.kind}"
+    return [
+        f"Which image has a {name}, the first or the second?",
+        f"The image with the {name} is the {ORDINALS[answer_index]}.",
+    ]
 
 
 def _which_scenes(rng: Random, size: int, answer_index: int) -> tuple[list[Scene], Shape]:
@@ -134,44 +81,61 @@ def _which_scenes(rng: Random, size: int, answer_index: int) -> tuple[list[Scene
     return scenes, target
 
 
+def _with_images(count: int, turns: list[str]) -> list[str]:
+    """`turns` with `count` image placeholders (one line each) before the first question."""
+    return ["\n".join([IMAGE_PLACEHOLDER] * count + [turns[0]]), *turns[1:]]
+
+
 def _single(rng: Random, size: int, answer_index: int) -> Draft:
     scene = random_scene(rng, size)
     target = rng.choice(scene)
     if rng.random() < SHAPE_QUESTION_FRACTION:
-        turns = [f"{IMAGE_PLACEHOLDER}\nWhich shape is {target.colour}?", target.kind]
-        return turns, [scene], "shape"
-    turns = [f"{IMAGE_PLACEHOLDER}\nWhat colour is the {target.kind}?", target.colour]
-    return turns, [scene], "colour"
+        turns = [
+            f"Which shape is {target.colour}?",
+            f"It is a {target.colour} {target.kind}.",
+        ]
+        return _with_images(1, turns), [scene], "shape"
+    return _with_images(1, _colour_turns(target)), [scene], "colour"
 
 
 def _two_image(rng: Random, size: int, answer_index: int) -> Draft:
     scenes, target = _which_scenes(rng, size, answer_index)
-    question = f"{IMAGE_PLACEHOLDER}\n{IMAGE_PLACEHOLDER}\n{_which_question(target)}"
-    return [question, ANSWERS_BY_INDEX[answer_index]], scenes, "which"
+    return _with_images(2, _which_turns(target, answer_index)), scenes, "which"
 
 
 def _multi_round(rng: Random, size: int, answer_index: int) -> Draft:
     if rng.random() < 0.5:
         scenes, target = _which_scenes(rng, size, answer_index)
-        kind, last = "which", [_which_question(target), ANSWERS_BY_INDEX[answer_index]]
+        kind, last = "which", _which_turns(target, answer_index)
     else:
         scenes = [random_scene(rng, size), random_scene(rng, size)]
         second = rng.choice(scenes[1])
         kind = "colour"
-        last = [f"What colour is the {second.kind} in the second image?", second.colour]
+        last = [
+            f"What colour is the {second.kind} in the second image?",
+            f"In the second image, the {second.kind} is {second.colour}.",
+        ]
     first = rng.choice(scenes[0])
-    turns = [
-        f"{IMAGE_PLACEHOLDER}\nWhat colour is the {first.kind}?",
-        first.colour,
-        f"{IMAGE_PLACEHOLDER}\n{last[0]}",
-        last[1],
-    ]
-    return turns, scenes, kind
+    return _with_images(1, _colour_turns(first)) + _with_images(1, last), scenes, kind
 
 
-# Each builder takes (rng, image size, planned index of the image that holds the answer to a
-# which-image question; builders without one ignore it) and returns a Draft.
-_BUILDERS = {"single": _single, "two_image": _two_image, "multi_round": _multi_round}
+def _caption(rng: Random, size: int, answer_index: int) -> Draft:
+    if rng.random() < TWO_IMAGE_CAPTION_FRACTION:
+        scenes = [random_scene(rng, size), random_scene(rng, size)]
+        turns = [f"Describe the {ORDINALS[answer_index]} image.", describe(scenes[answer_index])]
+        return _with_images(2, turns), scenes, "one_of_two"
+    scene = random_scene(rng, size)
+    return _with_images(1, ["Describe the image.", describe(scene)]), [scene], "one_image"
+
+
+# Each builder takes (rng, image size, planned index of the image the answer is about; builders
+# without one ignore it) and returns a Draft.
+_BUILDERS = {
+    "single": _single,
+    "two_image": _two_image,
+    "multi_round": _multi_round,
+    "caption": _caption,
+}
 
 
 def _type_counts(num: int, mix: Mapping[str, float]) -> dict[str, int]:
@@ -387,7 +351,8 @@ def generate_synthetic(
         eval_fraction: share of each question type held out in eval.jsonl.
         image_size: image side in pixels (multiple of 8; also the CLIP input size).
         with_models: also train the tokenizer and save the tiny models.
-        mix: relative weights of "single", "two_image", "multi_round" (default 0.4/0.4/0.2).
+        mix: relative weights of "single", "two_image", "multi_round", "caption" (default
+            0.35/0.35/0.15/0.15).
 
     Returns:
         The manifest as written.

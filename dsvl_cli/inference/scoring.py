@@ -9,8 +9,8 @@ Accuracy, for conversations whose `meta["answer"]` holds a reference (the synthe
 VQA-style data): the model answers the LAST question given every earlier round with its
 reference answer, as in training; the prediction and the reference are normalised (whitespace
 collapsed, lower case, trailing punctuation removed) and compared. Broken down by `meta["type"]`
-(single / two_image / multi_round for the synthetic task). Prompts are batched (sorted by length,
-left-padded) and each batch is seeded with the settings' seed.
+(single / two_image / multi_round / caption for the synthetic task). Prompts are batched (sorted
+by length, left-padded) and each batch is seeded with the settings' seed.
 
 Outputs in `--out`: `metrics.json` (all numbers, settings, model, data) and `predictions.jsonl`
 (one record per scored conversation).
