@@ -176,6 +176,13 @@ def test_extra_dict_may_not_set_derived_keys(key: str, field: str) -> None:
 # ----------------------------------------------------------------------------- real engine
 
 
+def _single_rank_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rendezvous variables of a one-process job, on a free local port."""
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**env, "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(key, value)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -222,9 +229,7 @@ def test_deepspeed_initialize_and_step_on_cpu(
     from dsvl_cli.model.builder import build_model
     from dsvl_cli.train.optim import build_optimizer, build_scheduler
 
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    for key, value in {**env, "MASTER_PORT": str(_free_port())}.items():
-        monkeypatch.setenv(key, value)
+    _single_rank_env(monkeypatch)
     config = validate_config(
         {
             "model": {
@@ -272,9 +277,7 @@ def test_offloaded_optimizer_steps_on_cpu(shapes: Path, monkeypatch: pytest.Monk
     from dsvl_cli.model.builder import build_model
     from dsvl_cli.train.optim import build_optimizer
 
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    for key, value in {**env, "MASTER_PORT": str(_free_port())}.items():
-        monkeypatch.setenv(key, value)
+    _single_rank_env(monkeypatch)
     config = validate_config(
         {
             "model": {
