@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from dsvl_cli.bench import mmca as bench
+from dsvl_cli.model.hf_compat import cache_kwargs, output_cache
 from dsvl_cli.model.mmca import (
     IMAGE,
     MMCA_ATTN_NAME,
@@ -274,7 +275,7 @@ def test_kv_cache_decoding_matches_full_forward(family: str) -> None:
         for t in range(prefix, MODALITY.shape[1]):  # decoding is sequential by nature
             out = model(
                 inputs_embeds=embeds[:, t : t + 1],
-                past_key_values=out.past_key_values,
+                **cache_kwargs(output_cache(out)),
                 modality_ids=MODALITY[:, : t + 1],  # the fallback builds the q_len=1 masks
                 use_cache=True,
             )

@@ -13,6 +13,7 @@ from dsvl_cli.data.synthetic import generate_synthetic
 from dsvl_cli.data.template import encode_conversation, encode_prompt
 from dsvl_cli.errors import CheckpointError, DataError
 from dsvl_cli.model.builder import Built, build_model
+from dsvl_cli.model.hf_compat import cache_kwargs, output_cache
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,8 @@ def test_generate_greedy_and_cache_reuse(shapes: Path, mmca: bool) -> None:
             ]
         )
         history = torch.cat([first.sequences, follow], dim=1)
-        cached = model.generate(input_ids=history, past_key_values=first.past_key_values, **kwargs)
+        cache = cache_kwargs(output_cache(first))
+        cached = model.generate(input_ids=history, **cache, **kwargs)
         fresh = model.generate(input_ids=history, pixel_values=pixels, **kwargs)
     assert torch.equal(cached, fresh)
 

@@ -41,6 +41,7 @@ from dsvl_cli.data.images import load_image
 from dsvl_cli.data.template import encode_prompt
 from dsvl_cli.errors import ConfigError, DataError
 from dsvl_cli.inference.generation import GenerationSettings, TextPieceStreamer
+from dsvl_cli.model.hf_compat import cache_kwargs, output_cache
 
 if TYPE_CHECKING:
     from dsvl_cli.inference.loader import LoadedModel
@@ -338,8 +339,7 @@ class ChatSession:
         parts = [p for p in parts if p.shape[0]]
         if parts:
             kwargs["pixel_values"] = torch.cat(parts).to(self.device)
-        if plan.cache is not None:
-            kwargs["past_key_values"] = plan.cache
+        kwargs.update(cache_kwargs(plan.cache))
         if on_text is not None:
             kwargs["streamer"] = TextPieceStreamer(self.tokenizer, on_text)
         torch.manual_seed(self.settings.seed)
@@ -350,7 +350,7 @@ class ChatSession:
                 # generate extends the cache in place; a half-written cache is not reusable.
                 self._cache = None
             raise
-        plan.cache = out.past_key_values
+        plan.cache = output_cache(out)
         return out.sequences[0].tolist()
 
     def _commit(

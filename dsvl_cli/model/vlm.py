@@ -18,7 +18,7 @@ Loss: logits are computed only at supervised positions (never a full fp32 [B, L,
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import field, make_dataclass
 from typing import Any
 
 import torch
@@ -29,18 +29,26 @@ from transformers.modeling_outputs import ModelOutput
 
 from dsvl_cli.data.template import IGNORE_INDEX
 from dsvl_cli.errors import DataError
+from dsvl_cli.model.hf_compat import CACHE_NAME, cache_kwargs, output_cache
 from dsvl_cli.model.mmca import IMAGE, PAD, TEXT, build_mmca_masks
 
-
-@dataclass
-class VisualChatOutput(ModelOutput):
-    """Forward result. `loss` is the token mean; `loss_sum`/`num_tokens` let callers re-weight."""
-
-    loss: torch.Tensor | None = None
-    loss_sum: torch.Tensor | None = None
-    num_tokens: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Any = None
+# The cache field carries the installed transformers' name for it (hf_compat.CACHE_NAME), so
+# `generate` finds it; read it with `hf_compat.output_cache`.
+VisualChatOutput = make_dataclass(
+    "VisualChatOutput",
+    [
+        ("loss", "torch.Tensor | None", field(default=None)),
+        ("loss_sum", "torch.Tensor | None", field(default=None)),
+        ("num_tokens", "torch.Tensor | None", field(default=None)),
+        ("logits", "torch.Tensor | None", field(default=None)),
+        (CACHE_NAME, Any, field(default=None)),
+    ],
+    bases=(ModelOutput,),
+)
+VisualChatOutput.__module__ = __name__
+VisualChatOutput.__doc__ = (
+    "Forward result. `loss` is the token mean; `loss_sum`/`num_tokens` let callers re-weight."
+)
 
 
 class NewTokenEmbedding(nn.Module):
@@ -83,7 +91,7 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
     _supports_flex_attn = True
     supports_gradient_checkpointing = True
     main_input_name = "input_ids"
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
 
     def __init__(
         self,
@@ -174,6 +182,7 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         modality_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        cache: Any = None,
         past_key_values: Any = None,
         position_ids: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -183,29 +192,32 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
         """Embed, place images, run the LM; loss over supervised positions when labels given.
 
         `modality_ids` must cover cached + current positions when a cache is used; without a
-        cache it defaults to the one derived from `input_ids` and `attention_mask`.
+        cache it defaults to the one derived from `input_ids` and `attention_mask`. The KV cache
+        comes as `cache` (transformers >= 5.24) or `past_key_values` (earlier); both are named
+        here because `generate` passes only keywords the signature lists.
         """
+        cache = cache if cache is not None else past_key_values
         embeds = self.embed_tokens(input_ids)
         if pixel_values is not None and pixel_values.shape[0] > 0:
             embeds = self.place_images(embeds, input_ids, self.encode_images(pixel_values))
         else:
             embeds = self._maybe_touch_vision(embeds)
         if modality_ids is None:
-            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("modality_ids covering cached positions are required with a cache")
             modality_ids = self.modality_ids(input_ids, attention_mask)
         lm_kwargs = self._attention_kwargs(modality_ids, input_ids.shape[1], attention_mask)
         decoder = self.language_model.get_decoder()
         hidden = decoder(
             inputs_embeds=embeds,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **cache_kwargs(cache),
             use_cache=use_cache,
             **lm_kwargs,
             **kwargs,
         )
         states = hidden.last_hidden_state
-        out = VisualChatOutput(past_key_values=getattr(hidden, "past_key_values", None))
+        out = VisualChatOutput(**{CACHE_NAME: output_cache(hidden)})
         if labels is not None:
             out.loss_sum, out.num_tokens = self._loss(states, labels)
             out.loss = out.loss_sum / out.num_tokens.clamp(min=1)

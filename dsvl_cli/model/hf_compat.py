@@ -1,0 +1,32 @@
+"""Every Hugging Face naming detail that changes between transformers minor releases, in one place.
+
+transformers 5.24 renamed the key/value cache from `past_key_values` to `cache` in every
+`ModelOutput`, every model `forward` and `generate`; the releases before it use `past_key_values`.
+dsvl reads and passes caches only through the helpers here, so the next rename is one edit in this
+module (plus a new upper bound in pyproject.toml, tested by `.ci/run`).
+
+The name is detected from the installed release, not from its version number: whatever the
+output classes declare is what `forward` and `generate` take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+_FIELDS = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+
+#: the keyword the installed transformers uses for a KV cache ("cache" from 5.24 on).
+CACHE_NAME: str = "cache" if "cache" in _FIELDS else "past_key_values"
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """`{name: cache}` under the installed release's name; empty when `cache` is None."""
+    return {} if cache is None else {CACHE_NAME: cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The cache an LM forward or `generate` returned, under whichever name it uses."""
+    return getattr(output, CACHE_NAME, None)
