@@ -37,7 +37,7 @@ class VisionConfig(_Strict):
 
 
 class MMCAConfig(_Strict):
-    """Multi-modal causal attention (DESIGN.md D1). `mmca: false` in YAML is a shorthand."""
+    """Multi-modal causal attention (see model/mmca.py). `mmca: false` in YAML is a shorthand."""
 
     enabled: bool = True
     image_attends_text: bool = True

@@ -1,6 +1,6 @@
 r"""The DSVL prompt format: renders a Conversation into token ids and labels.
 
-Literal strings are the original's (reference/dsvl-spec.md §2.1). Rounds with and without images::
+Literal strings are the original DSVL's. Rounds with and without images::
 
   <s>{sys}### Image 1:\n<image>\n### Image 2:\n<image>\n\n### Question:\n{q}\n\n### Answer:\n{a}</s>
   <s>### Question:\n{q}\n\n### Answer:\n{a}</s>

@@ -2,7 +2,7 @@
 
 Two kinds of `--data`, told apart by the file name:
 
-* ``*.json``: the original's eval format (reference/dsvl-spec.md §7.2): an object mapping test
+* ``*.json``: the original DSVL's eval format: an object mapping test
   name -> ordered list of rounds, each ``[question]`` or ``[question, "img1 img2 ..."]``.
   Image paths are relative to ``--image-root`` (default: the JSON's folder). Every test runs as
   one conversation in a fresh `ChatSession`; a round's images attach to that round and are

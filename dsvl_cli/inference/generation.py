@@ -3,7 +3,7 @@
 Every setting is explicit and shown (chat prints them at start, eval writes them beside the
 results); `GenerationSettings.generation_config` builds a complete `transformers.GenerationConfig`
 so nothing is inherited from the language model's `generation_config.json` (the original silently
-took Llama-2's sampling defaults, reference/dsvl-spec.md §3.9). Greedy decoding is the default,
+took Llama-2's sampling defaults). Greedy decoding is the default,
 for reproducible answers.
 """
 

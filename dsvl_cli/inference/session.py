@@ -1,6 +1,6 @@
 """One conversation with a model: history in the KV cache, each image encoded once.
 
-`ChatSession` is what `dsvl chat` and `dsvl eval` share (DESIGN.md D8). A round is rendered with
+`ChatSession` is what `dsvl chat` and `dsvl eval` share. A round is rendered with
 the training template (`dsvl_cli.data.template.encode_prompt`): the first round carries the system
 prompt, and image numbers continue across rounds (`### Image 3:` is the conversation's third
 image). Only the new round's ids and the new round's images go through the model; the cache

@@ -1,6 +1,6 @@
 """Projectors from vision features `[N, T, Dv]` to LM-width image tokens `[N, T', Dl]`.
 
-Kinds (dsvl-spec §3.4):
+Kinds (the original's projector choices):
 
 * `linear` (the original's "baseline"): Linear(Dv->Dl) + LayerNorm(Dl, eps 1e-12) per token.
 * `mlp`: Linear(Dv->Dl), GELU, Linear(Dl->Dl) per token (LLaVA-1.5's mlp2x_gelu).

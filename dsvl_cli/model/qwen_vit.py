@@ -2,7 +2,7 @@
 
 A re-implementation of `transformer.visual` from Qwen-VL(-Chat) `visual.py`, as DeepSpeed-VisualChat
 uses it: the output is `ln_post(attn_pool(vit(x)))`, `[N, n_queries, output_dim]`; the 4096x4096
-`proj` matmul after `ln_post` is dropped on purpose (dsvl-spec §3.2).
+`proj` matmul after `ln_post` is dropped on purpose, as the original DSVL does.
 
 Parameter names equal the Qwen-VL checkpoint keys with the prefix `transformer.visual.` stripped and
 `transformer.visual.proj` dropped, so a state dict written by `dsvl extract-qwen` loads with
@@ -54,7 +54,7 @@ from transformers import CLIPImageProcessor
 from dsvl_cli.errors import CheckpointError
 
 QWEN_VIT_MODEL_TYPE = "dsvl_qwen_vit"
-# OpenAI CLIP normalisation, which Qwen-VL uses too (dsvl-spec §3.3).
+# OpenAI CLIP normalisation, which Qwen-VL uses too.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -101,7 +101,7 @@ def resize_pos_table(table: torch.Tensor, num_positions: int) -> torch.Tensor:
 
 @dataclass
 class QwenViTConfig:
-    """Architecture of the Qwen-VL visual tower; defaults are Qwen-VL(-Chat)'s (dsvl-spec §3.2)."""
+    """Architecture of the Qwen-VL visual tower; defaults are Qwen-VL(-Chat)'s."""
 
     image_size: int = 448
     patch_size: int = 14

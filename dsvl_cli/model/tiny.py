@@ -37,7 +37,7 @@ PAD_TOKEN = "<pad>"
 SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
 MAX_IMAGES = 8  # the DSVL markers stop at "### Image 8:"
 
-# The OpenAI CLIP normalisation, as used by every CLIP checkpoint DSVL loads (dsvl-spec §3.3).
+# The OpenAI CLIP normalisation, as used by every CLIP checkpoint DSVL loads.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -3,7 +3,7 @@
 Shapes: B batch, L sequence (image tokens included), N images in the batch, T tokens per image
 after projection, H the LM hidden size, V the vocabulary.
 
-Image placement (DESIGN.md D2): tokenisation expands every image placeholder into exactly T copies
+Image placement: tokenisation expands every image placeholder into exactly T copies
 of the `<image>` id, so the model writes all projected features with one `masked_scatter`, image k
 landing at the k-th run of image ids (the original reversed multi-image order, its issue #800).
 

@@ -1,7 +1,7 @@
 """`dsvl fuse-lora --from-dsvl`: an original DeepSpeed-VisualChat epoch folder -> a fused folder.
 
 The original saves `epoch-K/pytorch_model.bin`, the whole `DeepSpeedViLModel.state_dict()`, with
-LoRA already fused into the base weights (dsvl-spec §5.1, §5.5), plus its tokenizer files and
+LoRA already fused into the base weights, plus its tokenizer files and
 `train_args.pt`. Key mapping into `VisualChatModel`:
 
     lang_decoder.*          -> language_model.*          (the causal LM, lm_head included)

@@ -4,7 +4,7 @@ Reads a local Qwen-VL or Qwen-VL-Chat folder as downloaded from the hub (`config
 `model_type: "qwen"` and a `visual` section, plus the weights: sharded safetensors or `.bin` with
 their `*.index.json`, or one unsharded file) and writes the `qwen_vit` folder that
 `load_vision_encoder("qwen_vit", folder)` loads strictly: `config.json`, `preprocessor_config.json`
-and `model.safetensors` (dsvl-spec §6, DESIGN D7).
+and `model.safetensors`.
 
 Only the `transformer.visual.*` tensors are read, with the prefix stripped and the final 4096x4096
 `proj` dropped; the 9.6B model is never built, no remote code is imported, nothing is downloaded,
@@ -156,7 +156,7 @@ def _read_json(path: Path) -> dict:
 def _expected_shapes(config: QwenViTConfig, src: Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape of our `QwenViT` for `config`, built on the meta device (no memory, no init).
 
-    A meta forward also checks that the tower yields `[N, n_queries, output_dim]` (dsvl-spec §6).
+    A meta forward also checks that the tower yields `[N, n_queries, output_dim]`.
     """
     try:
         with torch.device("meta"):

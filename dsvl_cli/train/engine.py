@@ -1,13 +1,13 @@
 """The DeepSpeed config dict, built from the typed Config (a pure function: no deepspeed import).
 
-`deepspeed_config(config, world_size)` is the one place that writes DeepSpeed keys (DESIGN.md D5).
-It follows the original's `get_train_ds_config` (dsvl-spec §5.3) with three differences:
+`deepspeed_config(config, world_size)` is the one place that writes DeepSpeed keys.
+It follows the original's `get_train_ds_config` with three differences:
 
 * offload of optimizer states (ZeRO 1-3) and parameters (ZeRO 3) can be switched on;
 * `stage3_prefetch_bucket_size` is DeepSpeed's default 5e7 instead of the original's 0, which
   disabled prefetching and serialised every ZeRO-3 all-gather with compute;
 * no optimizer or scheduler section: the trainer passes a torch optimizer and an HF scheduler
-  (`optim.py`), so DeepSpeed never JIT-builds FusedAdam (ENV.md).
+  (`optim.py`), so DeepSpeed never JIT-builds FusedAdam (a 60 s C++ build on CPU).
 
 `distributed.deepspeed` (any DeepSpeed key) is deep-merged last, so users can set what the schema
 does not cover; the keys dsvl derives itself (batch sizes, optimizer, scheduler) are refused there
@@ -23,7 +23,7 @@ from typing import Any
 from dsvl_cli.config import Config
 from dsvl_cli.errors import ConfigError
 
-# The original's ZeRO-3 knobs (dsvl-spec §5.3): keep small parameters (<1e4 elements: norms,
+# The original's ZeRO-3 knobs: keep small parameters (<1e4 elements: norms,
 # biases) gathered on every rank and bound the gathered working set to 3e7 parameters.
 STAGE3_PARAM_PERSISTENCE_THRESHOLD = 10_000
 STAGE3_MAX_LIVE_PARAMETERS = 30_000_000

@@ -1,6 +1,6 @@
 """AdamW parameter groups, the optimizer, the LR schedule and the optimizer-step count.
 
-Four groups (dsvl-spec §5.2), chosen by module type and parameter role rather than by name
+Four groups (as the original DSVL), chosen by module type and parameter role rather than by name
 substrings (the original matched `bias` / `LayerNorm.weight` / `embed` in names, which put its
 projector LayerNorm, named `projection.1.weight`, under weight decay):
 
@@ -165,7 +165,7 @@ def total_steps(batches_per_epoch: int, grad_accum: int, epochs: int, max_steps:
     """Optimizer steps of a run: epochs x ceil(batches_per_epoch / grad_accum), capped by max_steps.
 
     `batches_per_epoch` counts this rank's micro-batches (the DataLoader's length). The count
-    rounds each epoch's last partial accumulation window up, as the original (dsvl-spec §5.4).
+    rounds each epoch's last partial accumulation window up, as the original.
     """
     if batches_per_epoch < 1:
         raise DataError(

@@ -1,5 +1,5 @@
 """llava_otter_blend: LLaVA conversations about each COCO image, then the MIMIC-IT CGD QAs that
-compare the images (reference/dsvl-spec.md §2.7, §2.8 item 4).
+compare the images, as the original's blend does.
 
 Per CGD group (instructions merged through `rel_ins_ids`, heads visited in file order, as the
 original's otter cache), with images `im_1..im_m`:

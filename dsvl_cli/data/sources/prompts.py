@@ -1,4 +1,4 @@
-"""Fixed prompt texts the original datasets draw from (reference/dsvl-spec.md §2.6, §2.8).
+"""Fixed prompt texts the original datasets draw from.
 
 `CAPTION_PROMPTS` is the 53-entry `QUESTIONS` list of the original's `coco_caption_dataset.py`
 and `cc_sbu_align_dataset.py` (identical in both; adapted there from open-mmlab Multimodal-GPT),

@@ -34,7 +34,7 @@ SOURCES: dict[str, Source] = {
 # dsvl_cli/data/synthetic.py. They are valid dataset names but have no adapter here.
 GENERATED_SOURCES: frozenset[str] = frozenset({"synthetic"})
 
-# The names the original DeepSpeed-VisualChat accepted (reference/dsvl-spec.md §2.6).
+# The names the original DeepSpeed-VisualChat accepted.
 DSVL_NAMES: tuple[str, ...] = (
     "aokvqa",
     "coco_caption",
