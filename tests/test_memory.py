@@ -92,7 +92,7 @@ def test_7b_parameter_counts(folders: dict[str, Path]) -> None:
         "language_model": (llama_7b_params(VOCAB + 1), embeddings),
     }
     assert llama_7b_params(VOCAB) == 6_738_415_616  # the published LLaMA-2-7B count
-    assert estimate.trainable_params == 135_282_688  # ~135M, the original's ViT projector (+ LayerNorm)
+    assert estimate.trainable_params == 135_282_688  # ~135M: the original's ViT projector + LN
     assert estimate.total_params == pytest.approx(6.74e9 + 0.30e9, rel=0.01)
     assert estimate.complete
     assert any("assumed one added token" in note for note in estimate.notes)

@@ -74,7 +74,7 @@ def clip_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CLIPVis
 
 
 def qwen_expected_keys(config: QwenViTConfig) -> set[str]:
-    """The Qwen-VL `transformer.visual.*` keys (prefix stripped, proj dropped), as Qwen-VL stores them."""
+    """The Qwen-VL `transformer.visual.*` keys (prefix stripped, proj dropped)."""
     keys = {"conv1.weight", "positional_embedding", "ln_pre.weight", "ln_pre.bias"}
     for i in range(config.layers):
         block = f"transformer.resblocks.{i}"
