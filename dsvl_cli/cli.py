@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from dsvl_cli import __version__
-from dsvl_cli.errors import DsvlError
+from dsvl_cli.cli_multivalue import ImagesCommand
+from dsvl_cli.cli_recipes import recipes_app
+from dsvl_cli.errors import ConfigError, DsvlError
 from dsvl_cli.log import console, setup_logging
 
 stdout = Console(soft_wrap=True)  # results go to stdout; logs and errors to stderr
@@ -51,6 +53,9 @@ def env_cmd() -> None:
     from dsvl_cli.tools.env import collect_env, render_env
 
     render_env(collect_env(), stdout)
+
+
+app.add_typer(recipes_app, name="recipes")
 
 
 @app.command("prepare-data")
@@ -123,7 +128,9 @@ def _print_prepare_results(results: list) -> None:
 
 @app.command("train")
 def train_cmd(
-    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/tiny.yaml."),
+    recipe: str | None = typer.Argument(
+        None, help="A YAML recipe file, or a shipped recipe's name: tiny, 7b ... (`dsvl recipes`)."
+    ),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides: optim.lr=2e-4 ..."),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Validate, print the resolved config and a memory estimate."
@@ -139,18 +146,26 @@ def train_cmd(
 ) -> None:
     """Train a model from a recipe (DeepSpeed underneath); resumes with train.resume=auto."""
     from dsvl_cli.config import dump_config, load_config
+    from dsvl_cli.recipe_registry import missing_recipe_message, resolve_recipe
+    from dsvl_cli.train.preflight import check_inputs, warn_missing_inputs
 
-    config = load_config(recipe, overrides or [])
+    if recipe is None:
+        raise ConfigError(missing_recipe_message())
+    recipe_file = resolve_recipe(recipe)  # a shipped recipe's name becomes its absolute path
+    config = load_config(recipe_file, overrides or [])
     if dry_run:
         from dsvl_cli.train.dry_run import dry_run_report
 
         stdout.print(dump_config(config), highlight=False, markup=False)
         dry_run_report(config, gpus or 1, hostfile, stdout)
+        warn_missing_inputs(config, recipe_file)
         return
+    check_inputs(config, recipe_file)
     if gpus is not None or hostfile is not None:
         from dsvl_cli.train.launch import launch
 
-        raise typer.Exit(launch(recipe, overrides or [], gpus, hostfile, master_addr, master_port))
+        code = launch(recipe_file, overrides or [], gpus, hostfile, master_addr, master_port)
+        raise typer.Exit(code)
     from dsvl_cli.train.trainer import fit
 
     result = fit(config)
@@ -161,15 +176,24 @@ def train_cmd(
     )
 
 
+EXTRACT_QWEN_NEEDS = (
+    "dsvl extract-qwen needs SRC, a local Qwen-VL-Chat (or Qwen-VL) folder (get one with "
+    "huggingface-cli download Qwen/Qwen-VL-Chat --local-dir models/Qwen-VL-Chat), and --out, the "
+    "folder for the vision encoder: dsvl extract-qwen models/Qwen-VL-Chat --out models/qwen-vit"
+)
+
+
 @app.command("extract-qwen")
 def extract_qwen_cmd(
-    src: Path = typer.Argument(..., help="Local Qwen-VL or Qwen-VL-Chat folder."),
-    out: Path = typer.Option(..., "--out", help="Folder for the standalone vision encoder."),
+    src: Path | None = typer.Argument(None, help="Local Qwen-VL or Qwen-VL-Chat folder."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for the vision encoder."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
 ) -> None:
     """Write the Qwen-VL vision tower as a standalone `qwen_vit` encoder folder."""
     from dsvl_cli.tools.extract_qwen import extract_qwen
 
+    if src is None or out is None:
+        raise ConfigError(EXTRACT_QWEN_NEEDS)
     result = extract_qwen(src, out, force=force)
     stdout.print(
         f"wrote {result.num_tensors} tensors ({result.num_params / 1e9:.2f}B parameters) to "
@@ -180,7 +204,9 @@ def extract_qwen_cmd(
 
 @app.command("fuse-lora")
 def fuse_lora_cmd(
-    checkpoint: Path = typer.Argument(..., help="Export folder (final, best, epoch-K)."),
+    checkpoint: Path | None = typer.Argument(
+        None, help="Export folder (final, best, epoch-K); default: the newest under ./outputs."
+    ),
     out: Path = typer.Option(..., "--out", help="Folder for the standalone model."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
     tolerance: float | None = typer.Option(
@@ -198,11 +224,13 @@ def fuse_lora_cmd(
 ) -> None:
     """Merge LoRA into a standalone model folder that chat and eval load without adapters."""
     if from_dsvl:
-        from dsvl_cli.errors import ConfigError
         from dsvl_cli.tools.dsvl_legacy import convert_dsvl_checkpoint
 
-        if lm is None or vision_path is None:
-            raise ConfigError("--from-dsvl needs --lm LM_FOLDER and --vision-path VISION_FOLDER")
+        if checkpoint is None or lm is None or vision_path is None:
+            raise ConfigError(
+                "--from-dsvl needs CHECKPOINT (the epoch folder), --lm LM_FOLDER and "
+                "--vision-path VISION_FOLDER"
+            )
         result = convert_dsvl_checkpoint(
             checkpoint,
             out,
@@ -214,8 +242,10 @@ def fuse_lora_cmd(
             max_shard_size=max_shard_size,
         )
     else:
+        from dsvl_cli.model.discovery import EXPORT_FORMAT, model_or_newest
         from dsvl_cli.tools.fuse_lora import fuse_lora
 
+        checkpoint = model_or_newest(checkpoint, formats=(EXPORT_FORMAT,))
         result = fuse_lora(checkpoint, out, force, tolerance, max_shard_size)
     stdout.print(
         f"fused {', '.join(result.merged_parts) or 'no LoRA (converted)'} into {result.out}; "
@@ -241,14 +271,19 @@ SEED = typer.Option(0, "--seed", help="Seed for sampling.")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
 DTYPE = typer.Option("auto", "--dtype", help="auto | fp32 | bf16 | fp16.")
 DEVICE_MAP = typer.Option(None, "--device-map", help="Spread over GPUs: auto|balanced|sequential.")
+MODEL_HELP = "Model folder: an export or a fused folder (default: the newest under ./outputs)."
 OVERFLOW = typer.Option("error", "--overflow", help="Context full: error | drop_oldest rounds.")
 
 
-@app.command("chat")
+@app.command("chat", cls=ImagesCommand)
 def chat_cmd(
-    model: Path = typer.Argument(..., help="Model folder: an export or a fused folder."),
+    model: Path | None = typer.Argument(None, help=MODEL_HELP),
     images: list[Path] = typer.Option(
-        None, "--images", "--image", help="Images for the first turn (repeat the option)."
+        None,
+        "--images",
+        "--image",
+        help="Images for the first turn: --images A.png B.png (the list ends at the next option "
+        "or at a folder), or repeat: --image A.png --image B.png.",
     ),
     prompt: str | None = typer.Option(None, "--prompt", help="Ask once, print only the answer."),
     max_new_tokens: int = MAX_NEW,
@@ -264,15 +299,17 @@ def chat_cmd(
 ) -> None:
     """Talk with a model about images, over several rounds (/image, /clear, /save, /quit)."""
     from dsvl_cli.inference.chat import run_chat
+    from dsvl_cli.model.discovery import model_or_newest
 
     settings = _settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    model = model_or_newest(model)
     code = run_chat(model, images or [], prompt, settings, device, dtype, device_map, overflow)
     raise typer.Exit(code)
 
 
 @app.command("eval")
 def eval_cmd(
-    model: Path = typer.Argument(..., help="Model folder: an export or a fused folder."),
+    model: Path | None = typer.Argument(None, help=MODEL_HELP),
     data: Path = typer.Option(..., "--data", help="Eval JSON set, or prepared JSONL."),
     out: Path | None = typer.Option(None, "--out", help="Results folder."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N tests/samples."),
@@ -290,8 +327,10 @@ def eval_cmd(
 ) -> None:
     """Evaluate: the original's multi-round eval sets to CSV, or loss + accuracy on JSONL."""
     from dsvl_cli.inference.evaluate import run_eval
+    from dsvl_cli.model.discovery import model_or_newest
 
     settings = _settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    model = model_or_newest(model)
     out = out or Path("eval-results") / data.stem
     run_eval(model, data, out, limit, image_root, batch_size, settings, device, dtype, device_map)
 
