@@ -111,7 +111,9 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
         self.mmca = mmca
         self.image_attends_text = image_attends_text
         self.mmca_impl = mmca_impl
-        self.run_vision_without_images = False  # ZeRO-3: every rank must call every module
+        # Several ranks: every rank must run every module in every step, whatever its micro-batch
+        # holds (ZeRO-1/2 reduce gradients in buckets; ZeRO-3 gathers parameters per module).
+        self.run_vision_without_images = False
         self.token_embed: nn.Module | None = None  # set for trainable.embeddings=new_tokens
 
     @property
@@ -157,8 +159,13 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
         return embeds.masked_scatter(mask, features.to(embeds.dtype))
 
     def _maybe_touch_vision(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Under ZeRO-3 a rank whose batch has no image still runs the encoder (collectives)."""
-        if not (self.run_vision_without_images and self.training):
+        """A rank whose micro-batch has no image still runs encoder + projector on one blank image.
+
+        Its features enter with weight 0, so the loss is unchanged, while every trainable vision and
+        projector parameter gets a (zero) gradient and every ZeRO-3 gather happens, in training
+        and evaluation alike, keeping the collectives of all ranks identical.
+        """
+        if not self.run_vision_without_images:
             return embeds
         size = getattr(self.vision, "image_size", 224)
         dummy = torch.zeros(1, 3, size, size, device=embeds.device)
