@@ -126,10 +126,10 @@ def extract_qwen_cmd(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
 ) -> None:
     """Write the Qwen-VL vision tower as a standalone `qwen_vit` encoder folder."""
+    if src is None or out is None:  # before the heavy import: a usage error is instant
+        raise ConfigError(EXTRACT_QWEN_NEEDS)
     from dsvl_cli.tools.extract_qwen import extract_qwen
 
-    if src is None or out is None:
-        raise ConfigError(EXTRACT_QWEN_NEEDS)
     result = extract_qwen(src, out, force=force)
     stdout.print(
         f"wrote {result.num_tensors} tensors ({result.num_params / 1e9:.2f}B parameters) to "
@@ -179,9 +179,10 @@ def fuse_lora_cmd(
         )
     else:
         from dsvl_cli.model.discovery import EXPORT_FORMAT, model_or_newest
-        from dsvl_cli.tools.fuse_lora import fuse_lora
 
         checkpoint = model_or_newest(checkpoint, formats=(EXPORT_FORMAT,))
+        from dsvl_cli.tools.fuse_lora import fuse_lora
+
         result = fuse_lora(checkpoint, out, force, tolerance, max_shard_size)
     stdout.print(
         f"fused {', '.join(result.merged_parts) or 'no LoRA (converted)'} into {result.out}; "
@@ -234,11 +235,12 @@ def chat_cmd(
     overflow: str = OVERFLOW,
 ) -> None:
     """Talk with a model about images, over several rounds (/image, /clear, /save, /quit)."""
-    from dsvl_cli.inference.chat import run_chat
     from dsvl_cli.model.discovery import model_or_newest
 
+    model = model_or_newest(model)  # before the heavy imports: no model found is instant
+    from dsvl_cli.inference.chat import run_chat
+
     settings = _settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-    model = model_or_newest(model)
     code = run_chat(model, images or [], prompt, settings, device, dtype, device_map, overflow)
     raise typer.Exit(code)
 
@@ -262,11 +264,12 @@ def eval_cmd(
     device_map: str | None = DEVICE_MAP,
 ) -> None:
     """Evaluate: the original's multi-round eval sets to CSV, or loss + accuracy on JSONL."""
-    from dsvl_cli.inference.evaluate import run_eval
     from dsvl_cli.model.discovery import model_or_newest
 
+    model = model_or_newest(model)  # before the heavy imports: no model found is instant
+    from dsvl_cli.inference.evaluate import run_eval
+
     settings = _settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-    model = model_or_newest(model)
     out = out or Path("eval-results") / data.stem
     run_eval(model, data, out, limit, image_root, batch_size, settings, device, dtype, device_map)
 
