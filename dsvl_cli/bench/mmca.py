@@ -3,6 +3,7 @@
     python -m dsvl_cli.bench.mmca                      # 7B shape, T=4096, 8 images x 256 tokens
     python -m dsvl_cli.bench.mmca --layers 8           # fewer layers: fits and runs faster
     python -m dsvl_cli.bench.mmca --tiny               # CPU smoke run in seconds (dense MMCA)
+    python -m dsvl_cli.bench.mmca --json out.json      # also write the rows as JSON
 
 The decoder has random weights and is frozen; each step is one forward + backward with the
 gradient flowing into `inputs_embeds` (as when only the projector trains). MMCA masks are built
@@ -14,10 +15,13 @@ embedding table (unused with inputs_embeds), lm_head included; attention FLOPs a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -67,6 +71,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on")
     p.add_argument("--verify", action="store_true", help="log |loss(flex) - loss(dense)| first")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense peak")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.tiny:
         args.seq_len, args.images, args.tokens_per_image = 64, 2, 8
@@ -214,6 +219,30 @@ def render(results: list[BenchResult], console: Console) -> None:
     console.print(f"MMCA/SDPA throughput ratio: {ratio:.3f} (target >= 0.95)")
 
 
+def write_json(
+    path: Path,
+    args: argparse.Namespace,
+    device: torch.device,
+    results: list[BenchResult],
+    diff: float | None,
+) -> None:
+    """The rows, the MMCA/SDPA ratio, |loss(flex) - loss(dense)| (or null) and the shapes."""
+    report = {
+        "device": device.type,
+        "seq_len": args.seq_len,
+        "images": args.images,
+        "tokens_per_image": args.tokens_per_image,
+        "batch_size": args.batch_size,
+        "layers": args.layers,
+        "steps": args.steps,
+        "results": [dataclasses.asdict(r) for r in results],
+        "mmca_sdpa_ratio": results[1].tokens_per_s / results[0].tokens_per_s,
+        "verify_abs_diff": diff,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> list[BenchResult]:
     """Run the benchmark and print its table; returns the rows (sdpa first, then MMCA)."""
     args = parse_args(argv)
@@ -231,10 +260,14 @@ def main(argv: Sequence[str] | None = None) -> list[BenchResult]:
     inputs = (embeds, labels, modality)
     shape = f"batch {batch} x {args.seq_len} tokens ({args.images} x {args.tokens_per_image} image)"
     log.info("bench: %s, %d layers, %s, grad ckpt %s", device, args.layers, shape, args.grad_ckpt)
+    diff = None
     if args.verify:
-        log.info("MMCA |loss(flex) - loss(dense)| = %.3e", verify(model, inputs))
+        diff = verify(model, inputs)
+        log.info("MMCA |loss(flex) - loss(dense)| = %.3e", diff)
     results = [bench_impl(model, impl, inputs, args) for impl in (SDPA, MMCA_ATTN_NAME)]
     render(results, Console())
+    if args.json is not None:
+        write_json(args.json, args, device, results, diff)
     return results
 
 
