@@ -125,3 +125,23 @@ def test_cli_reports_and_exits_2_on_missing_data(tmp_path: Path) -> None:
         [*cmd, "lava", "--out", str(tmp_path / "o3")], capture_output=True, text=True
     )
     assert typo.returncode == 2 and "did you mean 'llava'" in typo.stderr
+
+
+def test_without_data_path_the_message_names_the_flag_and_the_source(tmp_path: Path) -> None:
+    opts = PrepareOptions(data_path=None, out=tmp_path / "out")
+    with pytest.raises(DataError) as info:
+        prepare_data(["llava"], opts)
+    assert str(info.value) == (
+        "prepare-data: llava needs --data-path DIR, the folder that holds its raw files "
+        "(coco/train2017/, llava/detail_23k.json, llava/complex_reasoning_77k.json)"
+    )
+    with pytest.raises(DataError) as info:
+        prepare_data(["llava_json"], opts)
+    assert str(info.value) == (
+        "prepare-data: llava_json needs --file FILE, its input JSON or JSONL (repeat --file "
+        "for several)"
+    )
+    missing = PrepareOptions(data_path=None, out=tmp_path / "out", files=[tmp_path / "no.json"])
+    with pytest.raises(DataError) as info:
+        prepare_data(["llava_json"], missing)
+    assert "None" not in str(info.value) and "no.json not found" in str(info.value)

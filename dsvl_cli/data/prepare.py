@@ -105,16 +105,32 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _needs_input_flag(name: str, opts: PrepareOptions) -> str | None:
+    """What `name` lacks when neither --data-path nor --file was given, or None."""
+    source = get_source(name)
+    if opts.data_path is not None or (opts.files and not source.required):
+        return None
+    if not source.check(_context(name, opts)):
+        return None  # the raw layout is in the current folder
+    if not source.required:
+        return f"{name} needs --file FILE, its input JSON or JSONL (repeat --file for several)"
+    paths = [req.path + ("/" if req.kind == "dir" else "") for req in source.required]
+    shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+    return f"{name} needs --data-path DIR, the folder that holds its raw files ({shown})"
+
+
 def _check_layout(names: list[str], opts: PrepareOptions) -> None:
     """One DataError listing every missing input of every source, with download hints."""
+    flags = [msg for name in names if (msg := _needs_input_flag(name, opts)) is not None]
+    if flags:
+        raise DataError("prepare-data: " + "; ".join(flags))
     problems: list[str] = []
     for name in names:
         ctx = _context(name, opts)
         problems += [f"{name}: {msg}" for msg in get_source(name).check(ctx)]
     if problems:
-        raise DataError(
-            f"{len(problems)} input(s) missing under {opts.data_path}:\n  " + "\n  ".join(problems)
-        )
+        under = f" under {opts.data_path}" if opts.data_path is not None else ""
+        raise DataError(f"{len(problems)} input(s) missing{under}:\n  " + "\n  ".join(problems))
 
 
 def _context(name: str, opts: PrepareOptions) -> SourceContext:
