@@ -97,6 +97,7 @@ def test_eval_set_image_root_and_limit(shapes: Path, tmp_path: Path) -> None:
     data.write_text(json.dumps(EVAL_SET), encoding="utf-8")
     with pytest.raises(DataError, match=r"relative to .*elsewhere \(set --image-root"):
         run_eval(shapes / "export", data, tmp_path / "out", settings=SETTINGS, device="cpu")
+    console = quiet()
     run_eval(
         shapes / "export",
         data,
@@ -105,9 +106,12 @@ def test_eval_set_image_root_and_limit(shapes: Path, tmp_path: Path) -> None:
         image_root=shapes,
         settings=SETTINGS,
         device="cpu",
-        console=quiet(),
+        console=console,
     )
     assert [r[0] for r in read_csv(tmp_path / "out" / "mine.csv")[1:]] == ["cats"] * 3
+    out = tmp_path / "out"
+    printed = console.file.getvalue()  # type: ignore[attr-defined]
+    assert f"results: {out / 'mine.csv'}, {out / 'mine.jsonl'}" in printed
 
 
 @pytest.mark.parametrize(
@@ -194,6 +198,7 @@ def test_normalise() -> None:
 
 def test_eval_prepared_file_end_to_end(shapes: Path, tmp_path: Path) -> None:
     write_jsonl(shapes / "hand.jsonl", prepared_set(shapes))
+    console = quiet()
     metrics = run_eval(
         shapes / "export",
         shapes / "hand.jsonl",
@@ -202,9 +207,11 @@ def test_eval_prepared_file_end_to_end(shapes: Path, tmp_path: Path) -> None:
         batch_size=2,
         settings=SETTINGS,
         device="cpu",
-        console=quiet(),
+        console=console,
     )
     assert metrics["conversations"] == 2 and metrics["accuracy"]["total"] == 2
+    printed = console.file.getvalue()  # type: ignore[attr-defined]
+    assert f"results: {tmp_path / 'metrics.json'}, {tmp_path / 'predictions.jsonl'}" in printed
     assert math.isfinite(metrics["loss"]["loss"])
     assert (tmp_path / "metrics.json").is_file()
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 2

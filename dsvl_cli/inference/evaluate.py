@@ -191,6 +191,7 @@ def _summarise_eval_set(
     for key, value in summary.items():
         table.add_row(key, str(value))
     console.print(table)
+    console.print(f"results: {summary['csv']}, {summary['jsonl']}", highlight=False, soft_wrap=True)
     return summary
 
 

@@ -336,4 +336,6 @@ def score_prepared(
         for r in records:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     print_summary(metrics, console)
+    results = f"results: {out / 'metrics.json'}, {out / 'predictions.jsonl'}"
+    console.print(results, highlight=False, soft_wrap=True)
     return metrics
