@@ -79,11 +79,17 @@ def train_cmd(
     ),
     master_addr: str | None = typer.Option(None, "--master-addr", help="Multi-node rendezvous."),
     master_port: int | None = typer.Option(None, "--master-port", help="Rendezvous port."),
+    cpu_procs: int | None = typer.Option(
+        None,
+        "--cpu-procs",
+        help="No GPU: train N CPU processes through the deepspeed launcher (default: one).",
+    ),
 ) -> None:
     """Train a model from a recipe (DeepSpeed underneath); resumes with train.resume=auto."""
     from dsvl_cli.config import dump_config, load_config
     from dsvl_cli.recipe_registry import missing_recipe_message, resolve_recipe
     from dsvl_cli.train.preflight import check_inputs, warn_missing_inputs
+    from dsvl_cli.train.run_dir import refuse_finished_run
 
     if recipe is None:
         raise ConfigError(missing_recipe_message())
@@ -93,14 +99,19 @@ def train_cmd(
         from dsvl_cli.train.dry_run import dry_run_report
 
         stdout.print(dump_config(config), highlight=False, markup=False)
-        dry_run_report(config, gpus or 1, hostfile, stdout)
+        dry_run_report(config, gpus or cpu_procs or 1, hostfile, stdout)
         warn_missing_inputs(config, recipe_file)
         return
     check_inputs(config, recipe_file)
-    if gpus is not None or hostfile is not None:
-        from dsvl_cli.train.launch import launch
+    refuse_finished_run(config.train)  # before the launcher or any heavy import
+    if gpus is not None or hostfile is not None or cpu_procs is not None:
+        from dsvl_cli.train.engine import gradient_accumulation_steps
+        from dsvl_cli.train.launch import launch, local_processes
 
-        code = launch(recipe_file, overrides or [], gpus, hostfile, master_addr, master_port)
+        procs = local_processes(gpus, cpu_procs, hostfile)  # no GPU: one line, before launching
+        if procs is not None and hostfile is None:
+            gradient_accumulation_steps(config, procs)  # a batch that does not divide: now, too
+        code = launch(recipe_file, overrides or [], procs, hostfile, master_addr, master_port)
         raise typer.Exit(code)
     from dsvl_cli.train.trainer import fit
 

@@ -55,7 +55,12 @@ class ModelConfig(_Strict):
     @field_validator("mmca", mode="before")
     @classmethod
     def _mmca_shorthand(cls, value: Any) -> Any:
-        return {"enabled": value} if isinstance(value, bool) else value
+        if isinstance(value, bool):
+            return {"enabled": value}
+        if not isinstance(value, (dict, MMCAConfig)):
+            keys = ", ".join(MMCAConfig.model_fields)
+            raise ValueError(f"expected true/false or a mapping with {keys}")
+        return value
 
 
 # ----------------------------------------------------------------------------- trainable parts
@@ -163,8 +168,21 @@ class TrainConfig(_Strict):
     output_dir: str = "outputs/run"
     seed: int = 1234
     resume: str = Field(default="auto", description="auto | never | path to checkpoints/step-N")
+    overwrite: bool = Field(
+        default=False,
+        description="output_dir holds an earlier run: delete it and train from step 0",
+    )
     on_nonfinite: Literal["skip", "stop"] = "skip"
     tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _overwrite_starts_over(self) -> TrainConfig:
+        if self.overwrite and self.resume not in ("auto", "never"):
+            raise ValueError(
+                "overwrite=true trains from step 0 and deletes output_dir's checkpoints; "
+                "drop it to resume from a checkpoint, or set resume to auto"
+            )
+        return self
 
 
 class DistributedConfig(_Strict):
@@ -252,6 +270,13 @@ def _describe(err: dict[str, Any]) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] in ("missing",):
         return f"{path}: required, not set"
+    if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        # pydantic names the schema class here; a user wrote YAML, so say "a mapping" and its keys
+        keys = _fields_at((*loc, None))
+        shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+        msg = f"expected a mapping with {shown}" if keys else "expected a mapping"
+    if isinstance(err.get("input"), dict):
+        return f"{path}: {msg}"  # a whole section: its repr would bury the message
     return f"{path}: {msg} (got {err.get('input')!r})"
 
 

@@ -60,11 +60,15 @@ def device() -> torch.device:
 def init() -> None:
     """Create the process group through DeepSpeed (nccl on CUDA, gloo on CPU); idempotent."""
     ensure_env()
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        return
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    from dsvl_cli.train.native_ops import skip_shm_comm_op
+
+    # DeepSpeed keeps its own backend object beside torch's process group: both must exist.
+    if deepspeed.comm.is_initialized() and torch_dist.is_initialized():
+        return
+    with skip_shm_comm_op():  # training never uses that op; building it costs minutes and g++
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def barrier() -> None:

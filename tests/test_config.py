@@ -133,3 +133,26 @@ def test_dump_round_trips(recipe: Path, tmp_path: Path) -> None:
     again = tmp_path / "again.yaml"
     again.write_text(dump_config(config))
     assert load_config(again) == config
+
+
+def test_section_type_errors_say_mapping_not_class(recipe: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["model.mmca=maybe"])
+    message = str(info.value)
+    assert (
+        "model.mmca: expected true/false or a mapping with enabled, image_attends_text" in message
+    )
+    assert "MMCAConfig" not in message
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["model.vision=3"])
+    assert "model.vision: expected a mapping with kind, path" in str(info.value)
+    assert "VisionConfig" not in str(info.value)
+    assert load_config(recipe, ["model.mmca=false"]).model.mmca.enabled is False
+
+
+def test_overwrite_does_not_combine_with_a_checkpoint(recipe: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["train.overwrite=true", "train.resume=out/checkpoints/step-3"])
+    message = str(info.value)
+    assert "train: overwrite=true trains from step 0" in message and "{" not in message
+    assert load_config(recipe, ["train.overwrite=true"]).train.overwrite is True

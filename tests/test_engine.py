@@ -177,10 +177,14 @@ def test_extra_dict_may_not_set_derived_keys(key: str, field: str) -> None:
 
 
 def _single_rank_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rendezvous variables of a one-process job, on a free local port."""
+    """The rendezvous variables of a one-process job, on a free local port, and its process
+    group made as `dsvl train` makes it (without DeepSpeed's shared-memory op build)."""
+    from dsvl_cli import dist
+
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     for key, value in {**env, "MASTER_PORT": str(_free_port())}.items():
         monkeypatch.setenv(key, value)
+    dist.init()
 
 
 def _free_port() -> int:
@@ -299,3 +303,19 @@ def test_offloaded_optimizer_steps_on_cpu(shapes: Path, monkeypatch: pytest.Monk
     engine.backward(loss)
     engine.step()
     assert torch.isfinite(loss) and engine.global_steps == 1
+
+
+def test_an_epoch_smaller_than_the_global_batch_suggests_global_sizes() -> None:
+    from dsvl_cli.train.engine import check_epoch_fits_a_step
+
+    # 180 samples -> 44 micro-batches of 4 per epoch; a step of 256 needs 64 of them.
+    config = make_config(train={"micro_batch_size": 4, "global_batch_size": 256})
+    with pytest.raises(ConfigError) as err:
+        check_epoch_fits_a_step(config, 1, 44)
+    assert str(err.value) == (
+        "train.global_batch_size=256 needs 64 micro-batches of 4 per process (1 process) for "
+        "one step, but an epoch of the training split gives 44 per process; use a multiple of 4 "
+        "up to 176, e.g. 128 or 64 (or add training samples)"
+    )
+    check_epoch_fits_a_step(config, 1, 64)  # exactly one step per epoch is fine
+    check_epoch_fits_a_step(config, 1, 0)  # no batch at all: optim.total_steps says so

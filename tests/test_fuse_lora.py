@@ -18,6 +18,7 @@ import yaml
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
+from dsvl_cli import dist
 from dsvl_cli.config import Config, validate_config
 from dsvl_cli.data.synthetic import generate_synthetic
 from dsvl_cli.errors import CheckpointError
@@ -250,6 +251,7 @@ def zero_exports(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
+        dist.init()  # as dsvl train does: no shared-memory op build
         # The process group stays up (as in test_engine.py): DeepSpeed caches its groups, so
         # destroying it would break later deepspeed.initialize calls in this pytest process.
         for stage in (2, 3):

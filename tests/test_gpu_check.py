@@ -80,7 +80,7 @@ def test_pytest_counts_reads_the_summary_line() -> None:
 
 def _records() -> list[dict]:
     train = [
-        {"step": s, "train/loss": 6.0 - 0.1 * s, "train/tokens_per_s": rate}
+        {"step": s, "time": 100.0 + s, "train/loss": 6.0 - 0.1 * s, "train/tokens_per_s": rate}
         for s, rate in zip(range(1, 7), (10.0, 20.0, 1000.0, 2000.0, 3000.0, 4000.0), strict=True)
     ]
     return [{"step": 0, "eval/loss": 6.2}, *train, {"step": 6, "eval/loss": 5.1}]
@@ -91,6 +91,7 @@ def test_train_numbers_skip_warmup_steps_and_read_the_peak() -> None:
     numbers = tc.train_numbers(_records(), peak, lm_params=10**9, skip_steps=2)
     assert numbers["tokens_per_s"] == 2500.0  # median of steps 3-6
     assert numbers["tokens_per_s_steps"] == 4
+    assert numbers["loop_s"] == 5.0
     assert numbers["loss_fell"] is True
     assert numbers["eval_loss_first"] == 6.2 and numbers["eval_loss_last"] == 5.1
     assert numbers["lm_mfu"] == pytest.approx(6 * 10**9 * 2500.0 / 989e12)
@@ -185,7 +186,19 @@ def test_cuda_peak_writes_its_file_when_dsvl_exits(tmp_path: Path) -> None:
     assert json.loads(peak.read_text()) == {"cuda": False}
 
 
-@pytest.mark.slow
+def test_cpu_smoke_mmca_part_through_the_command(tmp_path: Path) -> None:
+    """The quick slice of the smoke run below: one real child, its row, table and JSON."""
+    out = tmp_path / "report"
+    proc = _run_check("--cpu-smoke", "--parts", "mmca", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mmca bench" in proc.stdout and "tok/s" in proc.stdout and "Python" in proc.stdout
+    saved = json.loads((out / "gpu_check.json").read_text())
+    (part,) = saved["parts"]
+    assert part["status"] == OK and part["numbers"]["results"][1]["impl"] == "dsvl_mmca"
+    assert (out / "logs" / "mmca_bench.log").is_file()
+
+
+@pytest.mark.slow  # about a minute on 2 CPU cores: five children, each importing torch
 def test_cpu_smoke_run_reports_every_part(tmp_path: Path) -> None:
     out = tmp_path / "report"
     proc = _run_check("--cpu-smoke", "--out", str(out), timeout=1500)

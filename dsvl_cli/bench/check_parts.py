@@ -62,6 +62,12 @@ class Check:
         return result, limit
 
 
+def _remove(*paths: Path) -> None:
+    """Delete a part's result files left by an earlier check into the same --out."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
 def _part(name: str, log_name: str, result: ChildResult, limit: float, **fields: Any) -> PartResult:
     """A row for a child that ran: ok, or failed with the child's reason."""
     status = OK if result.ok else FAILED
@@ -125,6 +131,7 @@ def mmca_summary(bench: dict[str, Any]) -> str:
 def mmca_part(check: Check) -> PartResult:
     name, log_name = "mmca bench", "mmca_bench.log"
     out = check.logs / "mmca_bench.json"
+    _remove(out)
     cmd = python_command("-m", "dsvl_cli.bench.mmca", "--verify", "--json", str(out))
     if check.smoke:
         cmd.append("--tiny")
@@ -154,6 +161,7 @@ def models_part(check: Check) -> PartResult:
     if check.data_dir is None:
         return PartResult(name, SKIPPED, reason="needs the prepared data")
     facts_file = check.logs / "models.json"
+    _remove(facts_file)
     cmd = tc.models_command(check.data_dir, check.work / "models", check.train.size, facts_file)
     result, limit = check.child(cmd, log_name, "models")
     facts = tc.read_json(facts_file) if result.ok else None
@@ -175,13 +183,15 @@ def train_part(check: Check, stage: int) -> PartResult:
     tc.write_recipe(recipe, check.data_dir, check.work / "models", check.train)
     run_dir = check.work / "runs" / f"zero{stage}"
     peak_file = check.logs / f"train_zero{stage}.peak.json"
+    copied_metrics = check.logs / f"train_zero{stage}.metrics.jsonl"
+    _remove(peak_file, copied_metrics)
     cmd = tc.train_command(recipe, run_dir, stage, check.train, peak_file)
     result, limit = check.child(cmd, log_name, "train")
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        shutil.copyfile(metrics, check.logs / f"train_zero{stage}.metrics.jsonl")
+        shutil.copyfile(metrics, copied_metrics)
     records = tc.read_metrics(metrics)
-    lm_params = check.models["lm_params"] if not check.smoke else None
+    lm_params = check.models["lm_params"]
     numbers = tc.train_numbers(records, tc.read_json(peak_file), lm_params, check.train.skip_steps)
     numbers["output_dir"] = str(run_dir)
     row = _part(name, log_name, result, limit, numbers=numbers)
@@ -201,6 +211,7 @@ def reload_part(check: Check, stage: int) -> PartResult:
     if check.data_dir is None or not (final / "meta.json").is_file():
         return PartResult(name, SKIPPED, reason=f"no export from train ZeRO-{stage}")
     facts_file = check.logs / f"reload_zero{stage}.json"
+    _remove(facts_file)
     eval_jsonl = check.data_dir / "eval.jsonl"
     cmd = tc.probe_command(final, eval_jsonl, check.train.eval_batch, facts_file)
     result, limit = check.child(cmd, log_name, "reload")

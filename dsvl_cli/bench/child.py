@@ -100,9 +100,9 @@ def run_child(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> ChildResult:
-    """Run `cmd` with stdout + stderr appended to `log_file`; kill it after `timeout_s` seconds."""
+    """Run `cmd` with stdout + stderr written to `log_file`; kill it after `timeout_s` seconds."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as out:
+    with open(log_file, "wb") as out:
         out.write(f"$ {' '.join(cmd)}\n".encode())
         out.flush()
         start = time.monotonic()

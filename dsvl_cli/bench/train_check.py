@@ -12,6 +12,8 @@ step logged. What is read back, and from where:
 * LM MFU (GPU only): 6 x LM parameters x tokens/s / peak bf16 FLOP/s; the frozen vision tower's
   forward and attention FLOPs are not counted, so it understates the work done.
 * peak memory: torch's allocator peaks, written by `cuda_peak` when the run exits.
+* loop seconds: metrics.jsonl time of the last step minus that of the first (steps 2..N: after
+  the first compile, including any recompile for a new sequence length).
 * loss fell: the run's last eval loss is below its step-0 eval loss (same eval set).
 * reload: `export_probe` on output_dir/final: finite logits, and its eval loss against the run's.
 """
@@ -179,6 +181,7 @@ def train_numbers(
     rate = statistics.median(steady) if steady else None
     numbers: dict[str, Any] = {
         "steps": max((r["step"] for r in train), default=0),
+        "loop_s": train[-1]["time"] - train[0]["time"] if len(train) > 1 else None,
         "tokens_per_s": rate,
         "tokens_per_s_steps": len(steady),
         "train_loss_first": train[0]["train/loss"] if train else None,
@@ -220,8 +223,9 @@ def train_summary(n: dict[str, Any]) -> str:
     parts.append(
         f"train loss {_num(n['train_loss_first'], '.3f')}->{_num(n['train_loss_last'], '.3f')}, "
         f"eval {_num(n['eval_loss_first'], '.3f')}->{_num(n['eval_loss_last'], '.3f')} "
-        f"({'fell' if n['loss_fell'] else 'did NOT fall'}), {n['steps']} steps"
+        f"({'fell' if n['loss_fell'] else 'did NOT fall'})"
     )
+    parts.append(f"{n['steps']} steps, steps 2-{n['steps']} in {_num(n['loop_s'], '.1f')} s")
     return "; ".join(parts)
 
 

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +28,9 @@ import torch
 from dsvl_cli import dist
 from dsvl_cli.errors import CheckpointError
 from dsvl_cli.log import get_logger
+from dsvl_cli.train.run_dir import checkpoints_dir, complete_checkpoints
 
 log = get_logger(__name__)
-STEP_DIR = re.compile(r"^step-(\d+)$")
 ENGINE_TAG = "state"
 
 
@@ -44,10 +43,6 @@ class TrainState:
     batches_in_epoch: int = 0
     best_eval_loss: float | None = None
     skips: dict[str, Any] = field(default_factory=dict)
-
-
-def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
 
 
 def _rng_state() -> dict[str, Any]:
@@ -108,18 +103,6 @@ def save_checkpoint(engine: Any, state: TrainState, output_dir: str | Path, keep
 def _rotate(root: Path, keep_last: int) -> None:
     for old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete `step-N` folders, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()
-    ]
-    return [p for _, p in sorted(found)]
 
 
 def find_resume(output_dir: str | Path, resume: str) -> Path | None:

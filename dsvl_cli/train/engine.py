@@ -69,6 +69,28 @@ def gradient_accumulation_steps(config: Config, world_size: int) -> int:
     )
 
 
+def check_epoch_fits_a_step(config: Config, world_size: int, batches_per_epoch: int) -> None:
+    """ConfigError when one epoch gives each process fewer micro-batches than one step needs.
+
+    `batches_per_epoch` is one process's micro-batches per epoch (its DataLoader's length).
+    """
+    micro, total = config.train.micro_batch_size, config.train.global_batch_size
+    accumulation = gradient_accumulation_steps(config, world_size)
+    if batches_per_epoch < 1 or batches_per_epoch >= accumulation:
+        return  # no batch at all is a data problem (optim.total_steps says so)
+    unit = micro * world_size
+    most = batches_per_epoch * unit
+    doubling = [unit * 2**k for k in range(most.bit_length()) if unit * 2**k <= most]
+    examples = " or ".join(str(v) for v in sorted(doubling, reverse=True)[:2])
+    procs = "process" if world_size == 1 else "processes"
+    raise ConfigError(
+        f"train.global_batch_size={total} needs {accumulation} micro-batches of {micro} per "
+        f"process ({world_size} {procs}) for one step, but an epoch of the training split gives "
+        f"{batches_per_epoch} per process; use a multiple of {unit} up to {most}, e.g. "
+        f"{examples} (or add training samples)"
+    )
+
+
 def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     """A new dict: `base` updated by `extra`, nested dicts merged recursively, others replaced."""
     merged = copy.deepcopy(dict(base))

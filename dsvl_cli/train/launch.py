@@ -17,6 +17,43 @@ from dsvl_cli.log import get_logger
 log = get_logger(__name__)
 
 
+def _cuda_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_processes(gpus: int | None, cpu_procs: int | None, hostfile: Path | None) -> int | None:
+    """Processes per node for the launcher, checked against this machine's CUDA GPUs.
+
+    `--gpus N` needs N visible CUDA GPUs here (with a hostfile they are on the listed nodes and
+    this is not checked); several CPU processes need the explicit `--cpu-procs N`.
+    """
+    if gpus is not None and gpus < 1:
+        raise ConfigError(f"--gpus {gpus}: give at least 1")
+    if cpu_procs is not None:
+        if gpus is not None or hostfile is not None:
+            raise ConfigError("--cpu-procs trains on this machine's CPUs: drop --gpus/--hostfile")
+        if cpu_procs < 1:
+            raise ConfigError(f"--cpu-procs {cpu_procs}: give at least 1")
+        if _cuda_gpus() > 0:
+            raise ConfigError("--cpu-procs: this machine has a CUDA GPU; use --gpus N instead")
+        return cpu_procs
+    if gpus is None or hostfile is not None:
+        return gpus
+    visible = _cuda_gpus()
+    if visible == 0:
+        raise ConfigError(
+            f"--gpus {gpus}: no CUDA GPU is visible on this machine; drop --gpus to train in one "
+            f"CPU process, or pass --cpu-procs {gpus} to train {gpus} CPU processes"
+        )
+    if gpus > visible:
+        raise ConfigError(
+            f"--gpus {gpus}: this machine shows {visible} CUDA GPU(s); use --gpus {visible}"
+        )
+    return gpus
+
+
 def launcher_command(
     recipe: Path,
     overrides: list[str],

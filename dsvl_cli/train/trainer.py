@@ -26,9 +26,14 @@ from dsvl_cli.errors import DsvlError
 from dsvl_cli.log import console, get_logger
 from dsvl_cli.model.builder import Built, build_model
 from dsvl_cli.train.checkpoint import TrainState, find_resume, load_checkpoint, save_checkpoint
-from dsvl_cli.train.engine import deepspeed_config, gradient_accumulation_steps
+from dsvl_cli.train.engine import (
+    check_epoch_fits_a_step,
+    deepspeed_config,
+    gradient_accumulation_steps,
+)
 from dsvl_cli.train.export import export_model
 from dsvl_cli.train.metrics import MetricsWriter
+from dsvl_cli.train.native_ops import check_cpu_adam
 from dsvl_cli.train.optim import (
     build_optimizer,
     build_scheduler,
@@ -37,6 +42,7 @@ from dsvl_cli.train.optim import (
     trainable_table,
 )
 from dsvl_cli.train.progress import TrainProgress
+from dsvl_cli.train.run_dir import prepare_run_dir
 
 log = get_logger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,6 +65,7 @@ class Run:
     grad_accum: int
     output_dir: Path
     metrics: MetricsWriter
+    steps_per_epoch: int = 0
     state: TrainState = field(default_factory=TrainState)
     skips: SkipCounter = field(default_factory=SkipCounter)
     losses: list[float] = field(default_factory=list)
@@ -194,8 +201,18 @@ def evaluate(run: Run, loader: Any) -> dict[str, float]:
     }
 
 
+def _epoch_done(run: Run) -> bool:
+    """True once the epoch in progress has had its last full step (see _run_epoch)."""
+    return run.state.batches_in_epoch >= run.steps_per_epoch * run.grad_accum
+
+
+def epochs_completed(run: Run) -> int:
+    """Whole epochs trained so far: `epoch` in every export's meta.json (epoch-K/ says K)."""
+    return run.state.epoch + (1 if _epoch_done(run) else 0)
+
+
 def _export(run: Run, name: str, eval_loss: float | None) -> None:
-    meta = {"step": run.state.step, "epoch": run.state.epoch, "eval_loss": eval_loss}
+    meta = {"step": run.state.step, "epoch": epochs_completed(run), "eval_loss": eval_loss}
     path = export_model(run.engine.module, run.built, run.config, run.output_dir / name, meta)
     if path is not None:
         log.info("exported %s", path)
@@ -214,7 +231,7 @@ def _after_eval(run: Run, metrics: dict[str, float]) -> None:
 def _log_step(run: Run, loss: float, tokens: int, seconds: float, progress: TrainProgress) -> None:
     lr = run.engine.get_lr()[0] if run.engine.get_lr() else 0.0
     values = {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tokens / max(seconds, 1e-9)}
-    progress.update(run.state.step, run.state.epoch, loss, lr, values["train/tokens_per_s"])
+    progress.update(run.state.step, run.state.epoch, loss, lr, tokens, seconds)
     if run.state.step % run.config.train.log_every == 0:
         skipped = run.skips.total
         run.metrics.write(run.state.step, {**values, "data/skipped": skipped})
@@ -267,8 +284,10 @@ def _initialize(config: Config) -> tuple[Run, Any, int]:
     run.grad_accum = gradient_accumulation_steps(config, world)
     run.output_dir = Path(config.train.output_dir)
     batches = len(_loader(run, blend.train_split(0), train=True))
+    check_epoch_fits_a_step(config, world, batches)
     # Incomplete accumulation windows at an epoch's end are dropped (see _run_epoch).
-    full = batches - batches % run.grad_accum
+    run.steps_per_epoch = batches // run.grad_accum
+    full = run.steps_per_epoch * run.grad_accum
     total = total_steps(full, run.grad_accum, config.train.epochs, config.train.max_steps)
     optimizer = build_optimizer(model, config)
     if dist.is_main():
@@ -289,30 +308,49 @@ def _prepare_output(run: Run) -> None:
     run.metrics = MetricsWriter(run.output_dir, run.config.train.tensorboard)
 
 
-def fit(config: Config) -> FitResult:
-    """Train as the config says: resume if asked, evaluate, checkpoint, export."""
-    run, blend, total = _initialize(config)
-    _prepare_output(run)
-    resume = find_resume(run.output_dir, config.train.resume)
+def _train_epochs(run: Run, eval_loader: Any, total: int) -> float | None:
+    """Train from the current state to `total` steps; returns the last eval loss.
+
+    Each epoch that ends (all its full steps done) is exported as epoch-K, K counting from 1.
+    """
+    cfg, metrics = run.config.train, {}
+    with TrainProgress(total, cfg.epochs, start=run.state.step, log_every=cfg.log_every) as bar:
+        for epoch in range(run.state.epoch, cfg.epochs):
+            more = _run_epoch(run, epoch, eval_loader, bar, total)
+            metrics = evaluate(run, eval_loader)
+            _after_eval(run, metrics)
+            if more or _epoch_done(run):
+                run.state.epoch, run.state.batches_in_epoch = epoch + 1, 0
+                _export(run, f"epoch-{epoch + 1}", metrics["eval/loss"])
+            if not more:
+                break
+    return metrics.get("eval/loss")
+
+
+def _resume(run: Run) -> None:
+    cfg = run.config.train
+    resume = None if cfg.overwrite else find_resume(run.output_dir, cfg.resume)
     if resume is not None:
         run.state = load_checkpoint(run.engine, resume)
         run.skips.load_state_dict(run.state.skips)
         log.info("resumed from %s at step %d", resume, run.state.step)
+
+
+def fit(config: Config) -> FitResult:
+    """Train as the config says: resume if asked, evaluate, checkpoint, export."""
+    prepare_run_dir(config.train)
+    check_cpu_adam(config)
+    run, blend, total = _initialize(config)
+    _prepare_output(run)
+    _resume(run)
     eval_loader = _loader(run, blend.eval_split(), train=False)
-    eval_loss = None
     if run.state.step == 0:
-        _after_eval(run, metrics := evaluate(run, eval_loader))
-        eval_loss = metrics["eval/loss"]
-    with TrainProgress(total, config.train.epochs, start=run.state.step) as progress:
-        for epoch in range(run.state.epoch, config.train.epochs):
-            more = _run_epoch(run, epoch, eval_loader, progress, total)
-            metrics = evaluate(run, eval_loader)
-            eval_loss = metrics["eval/loss"]
-            _after_eval(run, metrics)
-            if not more:
-                break
-            run.state.epoch, run.state.batches_in_epoch = epoch + 1, 0
-            _export(run, f"epoch-{epoch + 1}", eval_loss)
+        _after_eval(run, evaluate(run, eval_loader))
+    if run.state.step < total:
+        eval_loss = _train_epochs(run, eval_loader, total)
+    else:
+        log.info("the checkpoint is at step %d of %d: nothing left to train", run.state.step, total)
+        eval_loss = evaluate(run, eval_loader)["eval/loss"]
     _export(run, "final", eval_loss)
     run.metrics.close()
     log.info("skipped samples: %s", run.skips.summary() or "none")
