@@ -163,10 +163,20 @@ def fuse_lora_cmd(
     from_dsvl: bool = typer.Option(
         False, "--from-dsvl", help="CHECKPOINT is an original DeepSpeed-VisualChat epoch folder."
     ),
-    lm: str | None = typer.Option(None, "--lm", help="--from-dsvl: the base LM folder."),
+    lm: str | None = typer.Option(
+        None,
+        "--lm",
+        "--base-lm",
+        help="The base LM folder, instead of the export's config.yaml model.language_model "
+        "(base models moved); needed with --from-dsvl.",
+    ),
     vision_kind: str = typer.Option("clip", "--vision-kind", help="--from-dsvl: clip|qwen_vit."),
     vision_path: str | None = typer.Option(
-        None, "--vision-path", help="--from-dsvl: the vision encoder folder."
+        None,
+        "--vision-path",
+        "--base-vision",
+        help="The vision encoder folder (open_clip: weights file), instead of the export's "
+        "model.vision.path; needed with --from-dsvl.",
     ),
 ) -> None:
     """Merge LoRA into a standalone model folder that chat and eval load without adapters."""
@@ -194,7 +204,9 @@ def fuse_lora_cmd(
         checkpoint = model_or_newest(checkpoint, formats=(EXPORT_FORMAT,))
         from dsvl_cli.tools.fuse_lora import fuse_lora
 
-        result = fuse_lora(checkpoint, out, force, tolerance, max_shard_size)
+        result = fuse_lora(
+            checkpoint, out, force, tolerance, max_shard_size, base_lm=lm, base_vision=vision_path
+        )
     stdout.print(
         f"fused {', '.join(result.merged_parts) or 'no LoRA (converted)'} into {result.out}; "
         f"max |logit diff| {result.max_abs_diff:.2e} (tolerance {result.tolerance:.1e})",
@@ -221,6 +233,12 @@ DTYPE = typer.Option("auto", "--dtype", help="auto | fp32 | bf16 | fp16.")
 DEVICE_MAP = typer.Option(None, "--device-map", help="Spread over GPUs: auto|balanced|sequential.")
 MODEL_HELP = "Model folder: an export or a fused folder (default: the newest under ./outputs)."
 OVERFLOW = typer.Option("error", "--overflow", help="Context full: error | drop_oldest rounds.")
+BASE_LM = typer.Option(
+    None, "--base-lm", help="An export's base LM folder here (replaces model.language_model)."
+)
+BASE_VISION = typer.Option(
+    None, "--base-vision", help="An export's vision encoder here (replaces model.vision.path)."
+)
 
 
 @app.command("chat", cls=ImagesCommand)
@@ -244,6 +262,8 @@ def chat_cmd(
     dtype: str = DTYPE,
     device_map: str | None = DEVICE_MAP,
     overflow: str = OVERFLOW,
+    base_lm: Path | None = BASE_LM,
+    base_vision: Path | None = BASE_VISION,
 ) -> None:
     """Talk with a model about images, over several rounds (/image, /clear, /save, /quit)."""
     from dsvl_cli.model.discovery import model_or_newest
@@ -252,7 +272,18 @@ def chat_cmd(
     from dsvl_cli.inference.chat import run_chat
 
     settings = _settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-    code = run_chat(model, images or [], prompt, settings, device, dtype, device_map, overflow)
+    code = run_chat(
+        model,
+        images or [],
+        prompt,
+        settings,
+        device,
+        dtype,
+        device_map,
+        overflow,
+        base_lm=base_lm,
+        base_vision=base_vision,
+    )
     raise typer.Exit(code)
 
 
@@ -273,6 +304,8 @@ def eval_cmd(
     device: str = DEVICE,
     dtype: str = DTYPE,
     device_map: str | None = DEVICE_MAP,
+    base_lm: Path | None = BASE_LM,
+    base_vision: Path | None = BASE_VISION,
 ) -> None:
     """Evaluate: the original's multi-round eval sets to CSV, or loss + accuracy on JSONL."""
     from dsvl_cli.model.discovery import model_or_newest
@@ -282,7 +315,20 @@ def eval_cmd(
 
     settings = _settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     out = out or Path("eval-results") / data.stem
-    run_eval(model, data, out, limit, image_root, batch_size, settings, device, dtype, device_map)
+    run_eval(
+        model,
+        data,
+        out,
+        limit,
+        image_root,
+        batch_size,
+        settings,
+        device,
+        dtype,
+        device_map,
+        base_lm=base_lm,
+        base_vision=base_vision,
+    )
 
 
 def main() -> None:

@@ -39,6 +39,23 @@ def make_export(root: Path, **model: Any) -> Path:
     return root
 
 
+def randomize_trainable(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every trainable parameter non-zero values (LoRA B starts at zero), by name order."""
+    gen = torch.Generator().manual_seed(seed)
+    params = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for _, param in params:
+            shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
+            value = 0.05 * torch.randn(shape, generator=gen)
+            if hasattr(param, "ds_id"):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    param.copy_(value)
+            else:
+                param.copy_(value)
+
+
 def steer(loaded: LoadedModel) -> LoadedModel:
     """Bias the LM head toward WORDS and EOS so random-weight answers are readable."""
     tok = loaded.built.tokenizer

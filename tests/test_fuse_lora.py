@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from inference_helpers import randomize_trainable
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
@@ -23,8 +24,9 @@ from dsvl_cli.config import Config, validate_config
 from dsvl_cli.data.synthetic import generate_synthetic
 from dsvl_cli.errors import CheckpointError
 from dsvl_cli.model.builder import Built, build_model
+from dsvl_cli.model.folder import load_model_folder
 from dsvl_cli.tools.fuse_lora import FuseResult, fuse_lora, probe_inputs, probe_logits
-from dsvl_cli.train.export import export_model, load_model_folder
+from dsvl_cli.train.export import export_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -53,23 +55,6 @@ def make_config(shapes: Path, trainable: dict, **model: object) -> Config:
         "distributed": {"precision": "fp32"},
     }
     return validate_config(tree)
-
-
-def randomize_trainable(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give every trainable parameter non-zero values (LoRA B starts at zero), by name order."""
-    gen = torch.Generator().manual_seed(seed)
-    params = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
-    with torch.no_grad():
-        for _, param in params:
-            shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
-            value = 0.05 * torch.randn(shape, generator=gen)
-            if hasattr(param, "ds_id"):
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                    param.copy_(value)
-            else:
-                param.copy_(value)
 
 
 def make_export(config: Config, out: Path, seed: int = 0) -> Built:
@@ -334,6 +319,10 @@ def test_vision_lora_fuses_for_every_encoder_kind(shapes: Path, tmp_path: Path, 
         "vision/model.safetensors" if kind == "qwen_vit" else "vision/open_clip_model.safetensors"
     )
     assert written in result.files
+    if kind == "open_clip":  # the model-config JSON travels with the fused folder
+        assert "vision/dsvl-fuse-tiny-vit.json" in result.files
+        fused_vision = yaml.safe_load((result.out / "config.yaml").read_text())["model"]["vision"]
+        assert fused_vision["open_clip_model"] == "vision/dsvl-fuse-tiny-vit.json"
 
 
 # ----------------------------------------------------------------------------- original DSVL

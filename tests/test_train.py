@@ -14,8 +14,8 @@ import pytest
 
 from dsvl_cli.config import load_config
 from dsvl_cli.data.synthetic import generate_synthetic
+from dsvl_cli.model.folder import load_model_folder
 from dsvl_cli.train.checkpoint import find_resume
-from dsvl_cli.train.export import load_model_folder
 from dsvl_cli.train.launch import launcher_command
 from dsvl_cli.train.trainer import fit
 

@@ -242,18 +242,23 @@ def run_chat(
     stdin: TextIO | None = None,
     out: Console | None = None,
     err: Console | None = None,
+    base_lm: Path | None = None,
+    base_vision: Path | None = None,
 ) -> int:
     """`dsvl chat MODEL`: load the model, then one turn, piped turns, or the REPL.
 
-    Returns the exit code: 0, or 1 when a piped line failed. With `prompt`, a bad image or a
-    full context raises DsvlError (the CLI prints it and exits 2).
+    `base_lm` / `base_vision` point an export at its base models on this machine (see
+    `load_for_inference`). Returns the exit code: 0, or 1 when a piped line failed. With
+    `prompt`, a bad image or a full context raises DsvlError (the CLI prints it and exits 2).
     """
     from dsvl_cli.inference.loader import load_for_inference
 
     stdin = stdin or sys.stdin
     out = out or Console(soft_wrap=True)
     interactive = prompt is None and stdin.isatty()
-    loaded = load_for_inference(model, device=device, dtype=dtype, device_map=device_map)
+    loaded = load_for_inference(
+        model, device, dtype, device_map, base_lm=base_lm, base_vision=base_vision
+    )
     session = ChatSession.from_loaded(loaded, settings, overflow=overflow, max_context=max_context)
     if prompt is not None:
         reply = session.ask(prompt, [str(p) for p in images])

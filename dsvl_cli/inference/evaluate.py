@@ -208,16 +208,23 @@ def run_eval(
     device_map: str | None = None,
     overflow: Overflow = "error",
     console: Console | None = None,
+    base_lm: Path | None = None,
+    base_vision: Path | None = None,
 ) -> dict[str, Any]:
     """`dsvl eval MODEL --data PATH --out DIR`: run an eval set or score prepared data.
 
-    Inputs are checked before the model loads. Returns the summary that is also printed
-    (eval sets: counts and output files; prepared data: the metrics written to metrics.json).
+    Inputs are checked before the model loads; `base_lm` / `base_vision` point an export at its
+    base models on this machine (see `load_for_inference`). Returns the summary that is also
+    printed (eval sets: counts and output files; prepared data: the metrics in metrics.json).
     """
-    from dsvl_cli.inference.loader import load_for_inference
+    from dsvl_cli.inference.loader import LoadedModel, load_for_inference
 
     console = console or Console(soft_wrap=True)
     settings = settings or GenerationSettings()
+
+    def load() -> LoadedModel:
+        return load_for_inference(model, device, dtype, device_map, base_lm, base_vision)
+
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be >= 1, got {limit}")
     if batch_size < 1:
@@ -228,7 +235,7 @@ def run_eval(
         from dsvl_cli.inference.scoring import read_prepared, score_prepared
 
         conversations = read_prepared(data, limit)
-        loaded = load_for_inference(model, device=device, dtype=dtype, device_map=device_map)
+        loaded = load()
         root = image_root if image_root is not None else data.parent
         return score_prepared(loaded, data, conversations, root, out, batch_size, settings, console)
     if data.suffix != ".json":
@@ -238,7 +245,7 @@ def run_eval(
         )
     tests = read_eval_set(data, image_root, limit)
     check_eval_images(tests, image_root if image_root is not None else data.parent)
-    loaded = load_for_inference(model, device=device, dtype=dtype, device_map=device_map)
+    loaded = load()
     session = ChatSession.from_loaded(loaded, settings, overflow=overflow)
     records = run_eval_set(session, tests, out, data.stem, Path(model))
     return _summarise_eval_set(records, out, data.stem, console)

@@ -1,7 +1,8 @@
 """Loading a dsvl model folder for chat and eval: device, dtype, and an optional device map.
 
 A model folder is an export (`output_dir/final`, `best`, `epoch-K`) or a `dsvl fuse-lora` folder;
-`dsvl_cli.train.export.load_model_folder` rebuilds it from its saved config. This module picks
+`dsvl_cli.model.folder` reads it and rebuilds the model from its saved config (an export's base
+models can be pointed elsewhere with `base_lm` / `base_vision`). This module picks
 the device and dtype (``"auto"``: the GPU in bf16 when there is one, else the CPU in fp32) and,
 for models larger than one GPU, spreads the model over the visible GPUs with accelerate
 (``device_map="auto"``, ``"balanced"`` or ``"sequential"``).
@@ -168,6 +169,8 @@ def load_for_inference(
     device: str = "auto",
     dtype: str = "auto",
     device_map: str | None = None,
+    base_lm: str | Path | None = None,
+    base_vision: str | Path | None = None,
 ) -> LoadedModel:
     """Rebuild a model folder for chat or eval (see the module docstring).
 
@@ -176,25 +179,30 @@ def load_for_inference(
         device: "auto", "cpu", "cuda", "cuda:N"; ignored with `device_map`.
         dtype: "auto", "fp32", "bf16", "fp16".
         device_map: None (one device) or "auto" | "balanced" | "sequential" (several GPUs).
+        base_lm, base_vision: an export's base LM folder / vision encoder on this machine,
+            instead of the paths its config.yaml names.
+
+    Raises:
+        CheckpointError: not a model folder, or a base model missing (names the override).
     """
-    from dsvl_cli.train.export import load_model_folder, resolve_config
+    from dsvl_cli.model.folder import open_model_folder
 
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise ConfigError(f"--device-map {device_map!r}: choose one of {', '.join(DEVICE_MAPS)}")
     folder = Path(folder)
-    config = resolve_config(folder)
+    source = open_model_folder(folder, base_lm=base_lm, base_vision=base_vision)
     if device_map is not None:
         target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = resolve_dtype(dtype, target)
-        built = load_model_folder(folder, dtype=torch_dtype, device="cpu")
+        built = source.load(dtype=torch_dtype, device="cpu")
         placement = plan_device_map(built.model, device_map, torch_dtype)
         log.info("device map: %s", _describe_map(placement))
         input_device = dispatch(built.model, placement)
     else:
         input_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, input_device)
-        built = load_model_folder(folder, dtype=torch_dtype, device=input_device)
-    return LoadedModel(folder, built, config, input_device, torch_dtype)
+        built = source.load(dtype=torch_dtype, device=input_device)
+    return LoadedModel(folder, built, source.config, input_device, torch_dtype)
 
 
 def _describe_map(device_map: dict[str, Any]) -> str:

@@ -46,6 +46,9 @@ class VisionEncoder(nn.Module, ABC):
     has_cls_token: bool
     layer_config: CLIPVisionConfig
     image_processor: CLIPImageProcessor | None = None
+    # The attribute holding the plain encoder module (HF CLIPVisionModel, open_clip tower,
+    # QwenViT): exported vision LoRA adapters are keyed relative to it, so plain PEFT loads them.
+    wrapped: str
 
     @abstractmethod
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -68,6 +71,7 @@ class ClipVisionEncoder(VisionEncoder):
     """
 
     kind = "clip"
+    wrapped = "model"
 
     def __init__(
         self, model: CLIPVisionModel, image_processor: CLIPImageProcessor | None = None
@@ -99,6 +103,7 @@ class OpenClipVisionEncoder(VisionEncoder):
     """
 
     kind = "open_clip"
+    wrapped = "visual"
 
     def __init__(self, visual: nn.Module, layer_config: CLIPVisionConfig) -> None:
         super().__init__()
@@ -130,6 +135,7 @@ class QwenVisionEncoder(VisionEncoder):
     """Our Qwen-VL ViT (`qwen_vit.QwenViT`): n_queries (256) tokens x output_dim (4096), no CLS."""
 
     kind = "qwen_vit"
+    wrapped = "model"
 
     def __init__(self, model: QwenViT, image_processor: CLIPImageProcessor | None = None) -> None:
         super().__init__()

@@ -1,16 +1,19 @@
 """`dsvl fuse-lora`: turn a training export into a standalone model folder, LoRA merged.
 
-An export (`epoch-K/`, `best/`, `final/`, see `train/export.py`) holds only what training changed
-and points at the base model folders. Fusing loads it on CPU in the weights' dtype, merges every
-PEFT LoRA adapter into its base layer once (PEFT's own merge, never unmerged, so no rounding
-drift), writes trained new-token embedding rows into the LM's table, and writes:
+An export (`epoch-K/`, `best/`, `final/`, see `model/folder.py`) holds only what training changed
+and points at the base model folders (`base_lm` / `base_vision` point it elsewhere). Fusing
+loads it on CPU in the weights' dtype, merges every PEFT LoRA adapter into its base layer once
+(PEFT's own merge, never unmerged, so no rounding drift), writes trained new-token embedding rows
+into the LM's table, and writes:
 
     language_model/         the merged causal LM (`save_pretrained`, sharded safetensors), tokenizer
     vision/                 clip: CLIPVisionModel + image processor; qwen_vit: extract-qwen layout;
                             open_clip: vision/open_clip_model.safetensors (the full open_clip state
-                            dict, image tower replaced by the merged one)
+                            dict, image tower replaced by the merged one) and a copy of the
+                            open_clip model-config JSON when the config names one
     model.safetensors       the projector (`mm_projector.*`)
-    config.yaml             model paths relative to the folder, every part frozen (no LoRA on load)
+    config.yaml             model paths relative to the folder (it loads from anywhere, copied
+                            anywhere), every part frozen (no LoRA on load)
     meta.json               {"format": "dsvl-fused", provenance, max logit difference}
 
 The folder loads with `load_model_folder` like any export, and its LM loads with plain
@@ -42,16 +45,16 @@ from dsvl_cli.config import Config, TrainableConfig, save_config
 from dsvl_cli.errors import CheckpointError
 from dsvl_cli.log import get_logger
 from dsvl_cli.model.builder import Built
-from dsvl_cli.model.vision_loader import save_qwen_vit_folder
-from dsvl_cli.model.vlm import VisualChatModel
-from dsvl_cli.train.export import (
+from dsvl_cli.model.folder import (
     EXPORT_FORMAT,
     FUSED_FORMAT,
     LORA_PARTS,
+    ModelFolder,
     load_model_folder,
-    read_meta,
-    resolve_config,
+    open_model_folder,
 )
+from dsvl_cli.model.vision_loader import save_qwen_vit_folder
+from dsvl_cli.model.vlm import VisualChatModel
 
 log = get_logger(__name__)
 
@@ -85,19 +88,22 @@ def fuse_lora(
     tolerance: float | None = None,
     max_shard_size: str = "5GB",
     dtype: torch.dtype | None = None,
+    base_lm: Path | None = None,
+    base_vision: Path | None = None,
 ) -> FuseResult:
     """Merge an export's LoRA adapters and trained weights into a standalone folder at `out`.
 
     `dtype` defaults to the base LM's saved dtype (config.json); `tolerance` bounds the max abs
-    logit difference (default: see module docstring). Raises CheckpointError for a fused or
-    foreign source, an occupied `out` without `force`, or a difference over tolerance.
+    logit difference (default: see module docstring); `base_lm` / `base_vision` replace the
+    export's base model paths. Raises CheckpointError for a fused or foreign source, a missing
+    base model, an occupied `out` without `force`, or a difference over tolerance.
     """
     export_dir, out = Path(export_dir), Path(out)
-    source_meta = _export_meta(export_dir)
+    source = _open_export(export_dir, base_lm, base_vision)
     prepare_out(out, force, export_dir)
-    config = resolve_config(export_dir)
+    config = source.config
     dtype = dtype or weights_dtype(config.model.language_model)
-    built = load_model_folder(export_dir, dtype=dtype)
+    built = source.load(dtype=dtype)
     inputs = probe_inputs(built.model)
     reference = probe_logits(built.model, inputs)
     merged_parts = merge_lora(built.model)
@@ -106,7 +112,7 @@ def fuse_lora(
     tol = tolerance if tolerance is not None else default_tolerance(dtype, reference)
     diff = compare_logits(reference, merged, tol, "merged vs unmerged")
     meta = {
-        "source": {"path": str(export_dir.resolve()), "format": EXPORT_FORMAT, "meta": source_meta},
+        "source": {"path": str(source.path), "format": EXPORT_FORMAT, "meta": source.meta},
         "merged_lora": list(merged_parts),
         "folded_new_token_rows": folded,
         "max_abs_logit_diff": diff,
@@ -121,24 +127,24 @@ def fuse_lora(
 # ----------------------------------------------------------------------------- checks
 
 
-def _export_meta(folder: Path) -> dict[str, Any]:
-    """The export's meta.json; refuses fused folders and original DSVL checkpoints."""
+def _open_export(folder: Path, base_lm: Path | None, base_vision: Path | None) -> ModelFolder:
+    """The export, read; refuses fused folders and original DSVL checkpoints."""
     if not (folder / "meta.json").is_file() and (folder / "pytorch_model.bin").is_file():
         raise CheckpointError(
             f"{folder} looks like an original DeepSpeed-VisualChat checkpoint (pytorch_model.bin, "
             "no meta.json); convert it with: dsvl fuse-lora --from-dsvl"
         )
-    meta = read_meta(folder)
-    if meta.get("format") == FUSED_FORMAT:
+    source = open_model_folder(folder, base_lm, base_vision)
+    if source.format == FUSED_FORMAT:
         raise CheckpointError(
             f"{folder} is already fused; use it directly (meta.json format {FUSED_FORMAT})"
         )
-    if meta.get("format") != EXPORT_FORMAT:
+    if source.format != EXPORT_FORMAT:
         raise CheckpointError(
-            f"{folder}/meta.json has format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}; "
+            f"{folder}/meta.json has format {source.format!r}, expected {EXPORT_FORMAT!r}; "
             "pass an export folder (output_dir/final, best or epoch-K)"
         )
-    return meta
+    return source
 
 
 def prepare_out(out: Path, force: bool, source: Path) -> None:
@@ -262,9 +268,12 @@ def fold_token_embedding(model: VisualChatModel) -> int:
 # ----------------------------------------------------------------------------- writing
 
 
-def fused_config(config: Config, vision_path: str) -> Config:
-    """`config` with model paths relative to the fused folder and every part frozen."""
-    vision = config.model.vision.model_copy(update={"path": vision_path})
+def fused_config(config: Config, vision_paths: dict[str, str]) -> Config:
+    """`config` with model paths relative to the fused folder and every part frozen.
+
+    `vision_paths` updates `model.vision` (its path, and open_clip_model for a copied JSON).
+    """
+    vision = config.model.vision.model_copy(update=vision_paths)
     model = config.model.model_copy(update={"language_model": LM_DIR, "vision": vision})
     return config.model_copy(update={"model": model, "trainable": FROZEN})
 
@@ -279,33 +288,44 @@ def write_fused_folder(
     tmp.mkdir(parents=True)
     model.language_model.save_pretrained(tmp / LM_DIR, max_shard_size=max_shard_size)
     built.tokenizer.save_pretrained(tmp / LM_DIR)
-    vision_path = save_vision(model, config, tmp / VISION_DIR, max_shard_size)
+    vision_paths = save_vision(model, config, tmp / VISION_DIR, max_shard_size)
     projector = {
         f"mm_projector.{n}": p.detach().contiguous()
         for n, p in model.mm_projector.named_parameters()
     }
     save_file(projector, tmp / "model.safetensors", metadata={"format": "pt"})
-    save_config(fused_config(config, vision_path), tmp / "config.yaml")
+    save_config(fused_config(config, vision_paths), tmp / "config.yaml")
     full_meta = {"format": FUSED_FORMAT, "dsvl_version": __version__, **meta}
     (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
     return tmp
 
 
-def save_vision(model: VisualChatModel, config: Config, folder: Path, max_shard_size: str) -> str:
-    """Write the (merged) vision encoder in the layout its kind loads; the path for config.yaml."""
+def save_vision(
+    model: VisualChatModel, config: Config, folder: Path, max_shard_size: str
+) -> dict[str, str]:
+    """Write the (merged) vision encoder in the layout its kind loads.
+
+    Returns the `model.vision` fields for config.yaml, relative to the fused folder.
+    """
     encoder = model.vision
     if encoder.kind == "clip":
         encoder.model.save_pretrained(folder, max_shard_size=max_shard_size)
         encoder.image_processor.save_pretrained(folder)
-        return VISION_DIR
+        return {"path": VISION_DIR}
     if encoder.kind == "qwen_vit":
         save_qwen_vit_folder(folder, encoder.model.config, encoder.model.state_dict())
         if encoder.image_processor is not None:
             encoder.image_processor.save_pretrained(folder)
-        return VISION_DIR
+        return {"path": VISION_DIR}
     if encoder.kind == "open_clip":
         _save_open_clip(encoder.visual, resolve_source_path(config), folder / OPEN_CLIP_FILE)
-        return f"{VISION_DIR}/{OPEN_CLIP_FILE}"
+        paths = {"path": f"{VISION_DIR}/{OPEN_CLIP_FILE}"}
+        model_json = config.model.vision.open_clip_model
+        if model_json and model_json.endswith(".json"):
+            # Copied under its own name: open_clip registers a model config by the file's stem.
+            shutil.copyfile(model_json, folder / Path(model_json).name)
+            paths["open_clip_model"] = f"{VISION_DIR}/{Path(model_json).name}"
+        return paths
     raise CheckpointError(f"cannot write a vision encoder of kind {encoder.kind!r}")
 
 
