@@ -152,7 +152,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra dsvl train override, repeatable (e.g. model.mmca.impl=dense)",
     )
-    p.add_argument("--budget-s", type=float, default=None, help="default 540 (smoke: 1500)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help=f"seconds for all parts; default {GPU_BUDGET_S:.0f} (smoke: {SMOKE_BUDGET_S:.0f})",
+    )
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--keep-work", action="store_true", help="keep the scratch folder and runs")
     args = p.parse_args(argv)
@@ -191,8 +196,8 @@ def make_check(args: argparse.Namespace, work: Path) -> Check:
     report = CheckReport("cpu-smoke" if smoke else "gpu", collect_versions(), budget)
     limits = dict(SMOKE_LIMITS if smoke else GPU_LIMITS)
     deadline = time.monotonic() + budget
-    check = Check(args.out, work, smoke, deadline, limits, settings, report, env, args.keep_work)
-    return check
+    out = args.out.resolve()
+    return Check(out, work, smoke, deadline, limits, settings, report, env, args.keep_work)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,7 +208,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="dsvl-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     check = make_check(args, work.resolve())
-    check.out = check.out.resolve()
     try:
         report = run_check(check, plan(args.parts, check.train.stages))
     finally:
