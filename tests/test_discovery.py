@@ -66,6 +66,21 @@ def test_given_folder_wins(tmp_path: Path) -> None:
     assert model_or_newest(None, root=tmp_path / "outputs") == tmp_path / "outputs/run/final"
 
 
+def test_formats_match_the_folder_writer() -> None:
+    import importlib
+
+    # The writer's module moves from train/export.py to model/folder.py; either one counts.
+    for name in ("dsvl_cli.model.folder", "dsvl_cli.train.export"):
+        try:
+            writer = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(writer, "FUSED_FORMAT"):
+            assert (writer.EXPORT_FORMAT, writer.FUSED_FORMAT) == (EXPORT_FORMAT, FUSED_FORMAT)
+            return
+    pytest.fail("no module defines EXPORT_FORMAT / FUSED_FORMAT")
+
+
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dsvl_cli", *args], cwd=cwd, capture_output=True, text=True

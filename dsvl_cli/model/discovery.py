@@ -18,8 +18,10 @@ from dsvl_cli.log import get_logger
 
 log = get_logger(__name__)
 
-EXPORT_FORMAT = "dsvl-export"  # the "format" in an export's meta.json (train/export.py)
-FUSED_FORMAT = "dsvl-fused"  # ... and in a `dsvl fuse-lora` folder's
+# The meta.json "format" values dsvl writes; repeated here (not imported from the module that
+# writes folders) so finding a folder needs no torch import.
+EXPORT_FORMAT = "dsvl-export"
+FUSED_FORMAT = "dsvl-fused"
 MODEL_FORMATS = (EXPORT_FORMAT, FUSED_FORMAT)
 DEFAULT_ROOT = Path("outputs")
 
