@@ -30,6 +30,9 @@ def prepare_data_cmd(
     check_images: bool = typer.Option(
         True, "--check-images/--no-check-images", help="Open every image once; drop bad ones."
     ),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Processes that check images (default: every core)."
+    ),
     num: int = typer.Option(2000, "--num", help="synthetic: number of conversations."),
     show: int = typer.Option(0, "--show", help="Print N rendered samples per source."),
     tokenizer: Path | None = typer.Option(
@@ -49,9 +52,19 @@ def prepare_data_cmd(
         )
         _show(out / "train.jsonl", show, tokenizer or out / "models" / "lm")
         return
+    from dsvl_cli.data.image_check import default_workers
     from dsvl_cli.data.prepare import PrepareOptions, prepare_data
 
-    opts = PrepareOptions(data_path, out, seed, max_images, check_images, files or [], image_root)
+    opts = PrepareOptions(
+        data_path,
+        out,
+        seed,
+        max_images,
+        check_images,
+        files or [],
+        image_root,
+        workers=default_workers() if workers is None else workers,
+    )
     results = prepare_data(sources, opts)
     _print_prepare_results(results)
     for result in results:

@@ -90,7 +90,7 @@ def test_llava_json_list_with_image_lists_and_rounds(tmp_path: Path) -> None:
     assert text.images == [] and contents(text) == ["Hi there\nfriend", "Hello."]
     assert contents(implicit) == ["<image>\nDescribe.", "Red."]
     assert sys_.system == "Be brief." and contents(sys_) == ["<image>\nWhat?", "A square."]
-    assert ctx.drops == {"image_count_mismatch": 1, "odd_turns": 1, "remote_image": 1,
+    assert ctx.drops == {"placeholder_mismatch": 1, "odd_turns": 1, "remote_image": 1,
                          "malformed_record": 1, "empty_answer": 1}  # fmt: skip
 
 
@@ -165,8 +165,9 @@ def test_messages_typed_parts_system_and_drops(tmp_path: Path) -> None:
     uri, png = _png_data_uri()
     path = write_jsonl(tmp_path / "chat.jsonl", _messages_records(uri))
     convs, ctx = load("messages", path)
-    assert [c.id for c in convs] == ["messages:typed", "messages:swift", "messages:chat:2"]
-    typed, swift, plain = convs
+    ids = ["messages:typed", "messages:swift", "messages:chat:2", "messages:spare"]
+    assert [c.id for c in convs] == ids
+    typed, swift, plain, spare = convs
     assert typed.system == "You compare pictures."
     assert contents(typed) == [
         "<image>\n<image>\nCompare\nplease.",
@@ -181,5 +182,8 @@ def test_messages_typed_parts_system_and_drops(tmp_path: Path) -> None:
     assert swift.images == [str(tmp_path / "s1.png"), str(tmp_path / "s2.png")]
     assert contents(swift) == ["<image>\n<image>\nBoth?", "Yes."]
     assert plain.images == [] and plain.system is None
+    # No <image> in any text: the top-level images open the first user turn, as in llava_json.
+    assert contents(spare) == ["<image>\nno placeholder", "a"]
+    assert spare.images == [str(tmp_path / "x.png")]
     assert ctx.drops == {"remote_image": 1, "assistant_image": 1, "bad_roles": 1, "odd_turns": 1,
-                         "image_count_mismatch": 1, "unsupported_content": 1}  # fmt: skip
+                         "unsupported_content": 1}  # fmt: skip

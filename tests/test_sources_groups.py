@@ -57,7 +57,10 @@ def _cgd_fixture(data: Path) -> None:
     pair = ["CGD_IMG_000000000001", "CGD_IMG_000000000002"]
     raw = {
         "CGD_INS_1": ins("What differs?\n", "The colour.", pair, ["CGD_INS_2", "CGD_INS_3"]),
-        "CGD_INS_2": ins("<image>Which is bigger?", "The left.", pair, ["CGD_INS_1", "CGD_INS_3"]),
+        # One <image> per image of the group: kept, placeholders cleaned as the original did.
+        "CGD_INS_2": ins(
+            "<image><image>Which is bigger?", "The left.", pair, ["CGD_INS_1", "CGD_INS_3"]
+        ),
         "CGD_INS_3": ins("Same scene?", "No.", pair, ["CGD_INS_1", "CGD_INS_2"]),
         "CGD_INS_4": ins("Alone?", "Yes.", ["CGD_IMG_000000000003"], []),
         "CGD_INS_5": {"instruction": "No answer", "image_ids": pair, "rel_ins_ids": []},

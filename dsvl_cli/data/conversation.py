@@ -6,6 +6,12 @@ to the JSONL file's folder (or absolute).
 
 Image placement: each `<image>` placeholder in a user message stands for the next image of
 `images`, in order, counted across the whole conversation (placeholder k -> images[k]).
+
+Typed text (chat and eval questions, model answers) is text, even where it spells `<image>`: it
+enters a message through `escape_typed`, which writes each `<image>` as `LITERAL_PLACEHOLDER`, so
+it is never counted as an image slot; the template turns it back into the characters `<image>`
+and tokenises them as plain text. Image slots of typed rounds are added structurally, one
+placeholder per attached image. In prepared data, `<image>` in a user message IS the placeholder.
 """
 
 from __future__ import annotations
@@ -16,11 +22,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dsvl_cli.data.json_files import iter_jsonl
 from dsvl_cli.errors import DataError
 
 IMAGE_PLACEHOLDER = "<image>"
+# `<image>` typed as text: a private-use character after `<` keeps it from being a placeholder.
+LITERAL_PLACEHOLDER = "<\ue000image>"
 Role = Literal["user", "assistant"]
 ROLES: tuple[str, ...] = ("user", "assistant")
+
+
+def escape_typed(text: str) -> str:
+    """Text a person or a model wrote, for a message: each `<image>` stays text, not a slot."""
+    return text.replace(IMAGE_PLACEHOLDER, LITERAL_PLACEHOLDER)
+
+
+def unescape_typed(text: str) -> str:
+    """The characters as written: `LITERAL_PLACEHOLDER` back to `<image>` (for tokenising)."""
+    return text.replace(LITERAL_PLACEHOLDER, IMAGE_PLACEHOLDER)
 
 
 @dataclass(frozen=True)
@@ -147,14 +166,12 @@ def write_jsonl(path: str | Path, conversations: list[Conversation]) -> None:
 
 
 def read_jsonl(path: str | Path) -> Iterator[Conversation]:
-    """Yield conversations from a prepared JSONL file; a bad line raises DataError naming it."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-            yield Conversation.from_dict(record, where=where)
+    """Yield conversations from a prepared JSONL file; a bad line raises DataError naming it.
+
+    Read with the shared reader (data/json_files.py): a byte-order mark is accepted.
+    """
+    for line in iter_jsonl(path):
+        where = f"{path}:{line.lineno}"
+        if line.error is not None:
+            raise DataError(f"{where}: not valid JSON ({line.error})")
+        yield Conversation.from_dict(line.value, where=where)

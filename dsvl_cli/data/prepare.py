@@ -2,7 +2,10 @@
 
 For each source: check the expected layout (missing files come with their download hint), run the
 adapter once (the one-time merges the original did inside Dataset constructors), open every
-referenced image once to drop unreadable ones, and write `OUT/<source>.jsonl` atomically.
+referenced image once to drop unreadable ones (on `workers` processes, see image_check.py), and
+write `OUT/<source>.jsonl` atomically. A source that keeps nothing is an error (DataError naming
+the source, its input and the top drop reasons), not an empty success: it almost always means
+the wrong file or layout. Progress shows as a bar on a terminal and as log lines otherwise.
 
 Idempotent: the manifest records, per source, a fingerprint of its inputs (paths, sizes, mtimes)
 and of the settings (seed, max images, image check). Re-running with the same fingerprint does
@@ -16,7 +19,7 @@ import json
 import os
 import random
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,8 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dsvl_cli.data.conversation import Conversation, write_jsonl
-from dsvl_cli.data.images import check_image
+from dsvl_cli.data.image_check import check_paths, check_workers, default_workers
+from dsvl_cli.data.json_files import read_json
 from dsvl_cli.data.sources import SourceContext, get_source
 from dsvl_cli.errors import DataError
 from dsvl_cli.log import console, get_logger
@@ -33,6 +37,8 @@ log = get_logger(__name__)
 PREPARE_VERSION = 1
 MANIFEST = "manifest.json"
 REPORT = "report.json"
+TOP_REASONS = 3  # drop reasons named in the "kept nothing" error
+PLAIN_STEPS = 10  # without a terminal, one progress log line per tenth done
 
 
 @dataclass
@@ -57,10 +63,11 @@ class PrepareOptions:
     check_images: bool = True
     files: list[Path] = field(default_factory=list)
     image_root: Path | None = None
-    workers: int = max(1, min(8, os.cpu_count() or 1))
+    workers: int = field(default_factory=default_workers)
 
 
 def _progress() -> Progress:
+    """A rich progress display on a terminal; disabled (prints nothing) otherwise."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -68,7 +75,23 @@ def _progress() -> Progress:
         TimeElapsedColumn(),
         console=console,
         transient=True,
+        disable=not console.is_terminal,
     )
+
+
+def _advancer(progress: Progress, description: str, total: int) -> Callable[[int], None]:
+    """A callback that advances a bar on a terminal, or logs each tenth done otherwise."""
+    if not progress.disable:
+        task = progress.add_task(description, total=total)
+        return lambda n: progress.advance(task, n)
+    done, step = [0], max(1, -(-total // PLAIN_STEPS))
+
+    def advance(n: int) -> None:
+        before, done[0] = done[0], done[0] + n
+        if done[0] // step > before // step or done[0] == total:
+            log.info("%s: %d/%d", description, done[0], total)
+
+    return advance
 
 
 def _stat(path: Path) -> dict[str, Any]:
@@ -99,10 +122,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        log.warning("%s is not valid JSON; preparing everything again", path)
+        data = read_json(path)
+    except DataError as err:
+        log.warning("%s; preparing everything again", err)
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _needs_input_flag(name: str, opts: PrepareOptions) -> str | None:
@@ -152,15 +176,11 @@ def _image_path(conv_image: str, out: Path) -> Path:
 def _drop_bad_images(
     convs: list[Conversation], result: SourceResult, opts: PrepareOptions, progress: Progress
 ) -> list[Conversation]:
-    """Open every distinct image once (in threads); drop conversations with a failing one."""
+    """Decode each distinct image once (`opts.workers` processes); drop samples with a bad one."""
     unique = sorted({_image_path(p, opts.out) for c in convs for p in c.images})
-    task = progress.add_task(f"{result.name}: checking images", total=len(unique))
-    failures: dict[Path, str] = {}
-    with ThreadPoolExecutor(max_workers=opts.workers) as pool:
-        for path, failure in zip(unique, pool.map(check_image, unique), strict=True):
-            if failure is not None:
-                failures[path] = str(failure)
-            progress.advance(task)
+    advance = _advancer(progress, f"{result.name}: checking images", len(unique))
+    reasons = check_paths(unique, opts.workers, advance)
+    failures = {p: str(r) for p, r in zip(unique, reasons, strict=True) if r is not None}
     kept = []
     for conv in convs:
         bad = [
@@ -185,6 +205,7 @@ def _prepare_source(name: str, opts: PrepareOptions, progress: Progress) -> Sour
         convs.append(conv)
         progress.advance(task)
     result = SourceResult(name, kept=0, drops=Counter(ctx.drops), examples=dict(ctx.drop_examples))
+    log.info("%s: %d sample(s) read, %d record(s) dropped", name, len(convs), ctx.drops.total())
     if opts.check_images:
         convs = _drop_bad_images(convs, result, opts, progress)
     tmp = opts.out / f".{name}.jsonl.tmp"
@@ -195,43 +216,78 @@ def _prepare_source(name: str, opts: PrepareOptions, progress: Progress) -> Sour
 
 
 def prepare_data(names: list[str], opts: PrepareOptions) -> list[SourceResult]:
-    """Prepare each named source into `opts.out`; returns per-source results (also on disk)."""
+    """Prepare each named source into `opts.out`; returns per-source results (also on disk).
+
+    Raises DataError (after writing the manifest and report) if a source kept nothing.
+    """
     names = list(dict.fromkeys(names))
     for name in names:
         get_source(name)  # unknown names fail before any work, with a suggestion
+    check_workers(opts.workers)
     _check_layout(names, opts)
     opts.out.mkdir(parents=True, exist_ok=True)
     manifest = _read_json(opts.out / MANIFEST)
     report = _read_json(opts.out / REPORT)
     manifest.setdefault("sources", {})
-    results = []
+    results, empty = [], []
     with _progress() as progress:
         for name in names:
             digest, inputs = _fingerprint(name, opts)
             entry = manifest["sources"].get(name, {})
-            if entry.get("fingerprint") == digest and (opts.out / f"{name}.jsonl").is_file():
+            fresh = entry.get("fingerprint") == digest and entry.get("count")
+            if fresh and (opts.out / f"{name}.jsonl").is_file():
                 results.append(SourceResult(name, entry["count"], skipped_up_to_date=True))
                 continue
             result = _prepare_source(name, opts, progress)
             results.append(result)
-            manifest["sources"][name] = {
-                "file": f"{name}.jsonl",
-                "count": result.kept,
-                "fingerprint": digest,
-                "inputs": inputs,
-                "seed": opts.seed,
-                "max_images": opts.max_images,
-                "images_checked": opts.check_images,
-            }
             report[name] = {
                 "kept": result.kept,
                 "dropped": dict(sorted(result.drops.items())),
                 "examples": result.examples,
             }
+            if result.kept:
+                manifest["sources"][name] = _manifest_entry(result, digest, inputs, opts)
+            else:  # never recorded as prepared: the next run tries again
+                manifest["sources"].pop(name, None)
+                empty.append(_kept_nothing(result, opts))
     manifest["version"] = PREPARE_VERSION
     _write_json(opts.out / MANIFEST, manifest)
     _write_json(opts.out / REPORT, report)
+    if empty:
+        raise DataError("; ".join(empty))
     return results
+
+
+def _manifest_entry(
+    result: SourceResult, digest: str, inputs: list[dict[str, Any]], opts: PrepareOptions
+) -> dict[str, Any]:
+    return {
+        "file": f"{result.name}.jsonl",
+        "count": result.kept,
+        "fingerprint": digest,
+        "inputs": inputs,
+        "seed": opts.seed,
+        "max_images": opts.max_images,
+        "images_checked": opts.check_images,
+    }
+
+
+def _kept_nothing(result: SourceResult, opts: PrepareOptions) -> str:
+    """One line: the source, the file(s) it read, and its top drop reasons."""
+    source = get_source(result.name)
+    data_path = Path(opts.data_path or ".")
+    if source.required:
+        files = [data_path / req.path for req in source.required if req.kind == "file"]
+    else:
+        files = [Path(f) for f in opts.files] or [data_path]
+    shown = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+    if result.drops:
+        top = ", ".join(f"{k} {v}" for k, v in result.drops.most_common(TOP_REASONS))
+        why = f"dropped {sum(result.drops.values())} ({top}"
+        why += ", ...)" if len(result.drops) > TOP_REASONS else ")"
+    else:
+        why = "it holds no records"
+    return f"{result.name}: kept 0 samples from {shown}: {why}; details in {opts.out / REPORT}"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -32,7 +32,9 @@ from rich.console import Console
 from rich.table import Table
 
 from dsvl_cli import __version__
+from dsvl_cli.data.image_refs import resolve_image_ref
 from dsvl_cli.data.images import check_image
+from dsvl_cli.data.json_files import read_json
 from dsvl_cli.errors import DataError, DsvlError
 from dsvl_cli.inference.generation import GenerationSettings
 from dsvl_cli.inference.session import ChatSession, Overflow
@@ -67,7 +69,7 @@ def _parse_round(raw: Any, where: str, root: Path) -> EvalRound:
             f"non-empty question, got {raw!r}"
         )
     images = tuple(raw[1].split()) if len(raw) == 2 else ()
-    return EvalRound(raw[0], images, tuple(root / p for p in images))
+    return EvalRound(raw[0], images, tuple(resolve_image_ref(p, root) for p in images))
 
 
 def read_eval_set(
@@ -75,7 +77,7 @@ def read_eval_set(
 ) -> list[EvalTest]:
     """Parse an eval JSON file (see the module docstring); DataError naming what is wrong."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)  # the shared reader: a byte-order mark is accepted
     except OSError as err:
         raise DataError(f"cannot read eval set {path}: {err.strerror}") from None
     except json.JSONDecodeError as err:

@@ -10,6 +10,13 @@ Conventions every adapter follows:
   prepare time, so a prepared file is reproducible from (raw data, seed).
 * A round that introduces images starts its user text with one `<image>\\n` per image, then the
   question; the template renders them as that round's `### Image k:` block.
+* Placeholders in raw text are checked, never repaired: text that names its images has exactly
+  one `<image>` per image, or it names none and the adapter places them by its layout rule
+  (`placeholders_fit`). Any other count is dropped as "placeholder_mismatch"; deleting or adding
+  placeholders to make the numbers agree would keep a question about an image that is not there.
+* Random picks among raw alternatives (captions, QA pairs, dialogues, prompts) go through
+  `choose`, which draws among usable candidates only: a blank caption is never drawn while a
+  good one exists.
 * Anything skipped is counted in `ctx.drops` under a machine-readable reason, never lost silently.
   Counts are per raw record unless an adapter's docstring says otherwise.
 * Images are absolute paths of raw files, or paths relative to `ctx.image_out.parent` for images
@@ -19,14 +26,13 @@ Conventions every adapter follows:
 
 from __future__ import annotations
 
-import json
 import random
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
 from dsvl_cli.errors import DataError
@@ -35,6 +41,8 @@ from dsvl_cli.log import get_logger
 logger = get_logger(__name__)
 
 MAX_DROP_EXAMPLES = 5
+PLACEHOLDER_MISMATCH = "placeholder_mismatch"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,11 @@ def accept(ctx: SourceContext, conv: Conversation) -> bool:
         if not isinstance(msg.content, str):
             ctx.drop("malformed_record", conv.id)
             return False
+    answer_holders = any(m.role == "assistant" and m.num_images for m in conv.messages)
+    if answer_holders or sum(m.num_images for m in conv.messages) != conv.num_images:
+        ctx.drop(PLACEHOLDER_MISMATCH, conv.id)
+        return False
+    for msg in conv.messages:
         if msg.role == "assistant" and not msg.content.strip():
             ctx.drop("empty_answer", conv.id)
             return False
@@ -150,6 +163,35 @@ def accept(ctx: SourceContext, conv: Conversation) -> bool:
         ctx.drop("invalid_conversation", conv.id)
         return False
     return True
+
+
+def placeholders_fit(texts: Iterable[str], num_images: int) -> bool:
+    """Whether raw user texts about `num_images` images can be used without rewriting them.
+
+    True when the texts hold exactly one `<image>` per image, or none at all (the adapter then
+    places the images by its layout rule). Any other count means the text speaks of an image it
+    does not have, or ignores one it has: the caller drops the record as PLACEHOLDER_MISMATCH.
+    """
+    found = sum(text.count(IMAGE_PLACEHOLDER) for text in texts)
+    return found in (0, num_images)
+
+
+def usable_text(value: Any) -> bool:
+    """True for a string with some text besides `<image>` placeholders and whitespace."""
+    return isinstance(value, str) and bool(strip_placeholders(value))
+
+
+def choose(
+    rng: random.Random, candidates: Sequence[T], usable: Callable[[T], bool] = usable_text
+) -> T | None:
+    """One candidate drawn uniformly among the usable ones; None if none is usable.
+
+    Every random pick among raw alternatives goes through here, so an unusable candidate (a blank
+    caption, say) is never drawn while a usable one exists. When all are usable the draw is
+    `rng.choice(candidates)`, the same as before this filter existed, so seeds keep their picks.
+    """
+    pool = [c for c in candidates if usable(c)]
+    return rng.choice(pool) if pool else None
 
 
 def user_text(question: str, num_images: int = 0) -> str:
@@ -186,17 +228,6 @@ def conversation(
         system=system,
         meta=dict(meta or {}),
     )
-
-
-def read_json(path: Path) -> Any:
-    """Load a whole JSON file; raise DataError naming the file if it is not valid JSON."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}: not valid JSON ({err.msg} at line {err.lineno}); re-download the file"
-        ) from None
 
 
 def expect_type(value: Any, kind: type, path: Path, what: str) -> Any:

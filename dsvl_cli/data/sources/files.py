@@ -1,19 +1,18 @@
-"""Helpers for sources that read user-given files (llava_json, messages): finding the files,
-reading JSON or JSONL records, resolving image references."""
+"""Helpers for sources that read user-given files (llava_json, messages): finding the files and
+reading JSON or JSONL records; and `resolve_image`, the image-reference step of every source."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dsvl_cli.data.sources.base import SourceContext, expect_type, read_json
-
-REMOTE_SCHEMES = ("http://", "https://", "ftp://", "s3://", "gs://")
+from dsvl_cli.data.image_refs import ImageRefError, is_data_uri, resolve_image_ref
+from dsvl_cli.data.json_files import first_char, iter_jsonl, read_json
+from dsvl_cli.data.sources.base import SourceContext, expect_type
 
 
 def input_files(ctx: SourceContext) -> list[Path]:
@@ -41,31 +40,19 @@ def iter_records(path: Path, ctx: SourceContext) -> Iterator[tuple[str, Any]]:
     """Yield (where, record) from a JSON list, or from JSONL (by `.jsonl` suffix or content).
 
     A malformed JSONL line is dropped as "malformed_record"; an unreadable JSON file raises.
+    Both accept UTF-8 with or without a byte-order mark (data/json_files.py).
     """
-    if path.suffix.lower() != ".jsonl" and _first_char(path) == "[":
+    if path.suffix.lower() != ".jsonl" and first_char(path) == "[":
         records = expect_type(read_json(path), list, path, "a list of records")
         for index, record in enumerate(records):
             yield f"{path}[{index}]", record
         return
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError:
-                ctx.drop("malformed_record", where)
-
-
-def _first_char(path: Path) -> str:
-    """The first non-whitespace character of a text file ('' if empty)."""
-    with open(path, encoding="utf-8") as fh:
-        while chunk := fh.read(4096):
-            stripped = chunk.lstrip()
-            if stripped:
-                return stripped[0]
-    return ""
+    for line in iter_jsonl(path):
+        where = f"{path}:{line.lineno}"
+        if line.error is None:
+            yield where, line.value
+        else:
+            ctx.drop("malformed_record", where)
 
 
 def image_root(ctx: SourceContext, ann_path: Path) -> Path:
@@ -74,18 +61,19 @@ def image_root(ctx: SourceContext, ann_path: Path) -> Path:
 
 
 def resolve_image(ref: str, root: Path, ctx: SourceContext, source: str) -> tuple[str | None, str]:
-    """Turn an image reference into a path for the prepared file.
+    """Turn an image reference from raw data into a path for the prepared file.
 
-    Returns (path, "") on success or (None, drop reason). Local paths (absolute, relative to
-    `root`, or `file://`) become absolute; `data:` URIs are decoded into `ctx.image_out/<source>/`;
-    remote URLs are refused ("remote_image"): dsvl prepares data offline and never downloads.
+    Every source calls this for the image strings it reads. Returns (path, "") on success or
+    (None, drop reason). `data:` URIs are decoded into `ctx.image_out/<source>/`; everything
+    else goes through `resolve_image_ref` (absolute, relative to `root`, `file:` URIs; remote
+    URLs refused as "remote_image").
     """
-    if ref.startswith("data:"):
+    if is_data_uri(ref):
         return decode_data_uri(ref, ctx, source)
-    if ref.startswith(REMOTE_SCHEMES):
-        return None, "remote_image"
-    path = Path(ref.removeprefix("file://")).expanduser()
-    return str(path if path.is_absolute() else (root / path).absolute()), ""
+    try:
+        return str(resolve_image_ref(ref, root)), ""
+    except ImageRefError as err:
+        return None, err.reason
 
 
 def decode_data_uri(uri: str, ctx: SourceContext, source: str) -> tuple[str | None, str]:

@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation
+from dsvl_cli.data.json_files import read_json
 from dsvl_cli.data.sources.base import (
+    PLACEHOLDER_MISMATCH,
     RequiredFile,
     Source,
     SourceContext,
     clean_dsvl_question,
     conversation,
     expect_type,
-    read_json,
+    placeholders_fit,
     strip_placeholders,
     user_text,
 )
@@ -99,7 +101,10 @@ class LlavaSource(Source):
                     ctx.drop("malformed_record", conv_id)
                     continue
                 question, answer = dialogue.pairs[0]  # the original used turns 0 and 1 only
-                image = ctx.data_path / "coco/train2017" / ann["image"]
+                image, reason = coco_image(ctx, ann["image"], self.name)
+                if image is None or not placeholders_fit([question], 1):
+                    ctx.drop(reason or PLACEHOLDER_MISMATCH, conv_id)
+                    continue
                 rounds = [(user_text(clean_dsvl_question(question), 1), answer)]
                 yield conversation(conv_id, rounds, [image])
 
@@ -125,14 +130,22 @@ class LlavaDialSource(Source):
                 ctx.drop("odd_turns", conv_id)
                 continue
             pairs = dialogue.pairs
+            image, reason = coco_image(ctx, ann["image"], self.name)
+            if image is None or not placeholders_fit([q for q, _ in pairs], 1):
+                ctx.drop(reason or PLACEHOLDER_MISMATCH, conv_id)
+                continue
             holders = [i for i, (q, _) in enumerate(pairs) if IMAGE_PLACEHOLDER in q]
             first = holders[0] if holders else 0
             rounds = [
                 (user_text(clean_dsvl_question(q), int(i == first)), a)
                 for i, (q, a) in enumerate(pairs)
             ]
-            image = ctx.data_path / "coco/train2017" / ann["image"]
             yield conversation(conv_id, rounds, [image])
+
+
+def coco_image(ctx: SourceContext, ref: str, source: str) -> tuple[str | None, str]:
+    """A LLaVA record's `image`, resolved against the COCO train2017 folder (`resolve_image`)."""
+    return resolve_image(ref, ctx.data_path / "coco/train2017", ctx, source)
 
 
 class LlavaJsonSource(Source):
@@ -182,12 +195,12 @@ class LlavaJsonSource(Source):
                 ctx.drop(reason, where)
                 return None
             images.append(path)
-        counts = [q.count(IMAGE_PLACEHOLDER) for q, _ in pairs]
-        if sum(counts) == 0 and images:
-            counts[0] = len(images)
-        if sum(counts) != len(images):
-            ctx.drop("image_count_mismatch", where)
+        if not placeholders_fit([q for q, _ in pairs], len(images)):
+            ctx.drop(PLACEHOLDER_MISMATCH, where)
             return None
+        counts = [q.count(IMAGE_PLACEHOLDER) for q, _ in pairs]
+        if sum(counts) == 0:  # no placeholder: all images go in the first turn, as LLaVA does
+            counts[0] = len(images)
         rounds = [
             (user_text(strip_placeholders(q), n), a)
             for (q, a), n in zip(pairs, counts, strict=True)

@@ -9,9 +9,10 @@ original's otter cache), with images `im_1..im_m`:
 2. Then EVERY CGD QA of the group, in a random order; the first introduces the images not yet
    introduced (in practice only the last can be). The original drew a random 1..n subset per
    access; with draws made once at prepare time that would discard QAs for good, so all are kept.
-A group is dropped ("no_llava_conversation") unless every image except the last has a LLaVA
-conversation: otherwise the images could not be introduced in order. Draws come from `ctx.rng`,
-once. Questions lose `<image>` and newlines (parity). Image existence is left to prepare.py.
+Only usable LLaVA dialogues are candidates (see `llava_by_image`). A group is dropped
+("no_llava_conversation") unless every image except the last has a LLaVA conversation: otherwise
+the images could not be introduced in order. Draws come from `ctx.rng`, once. Questions lose
+`<image>` and newlines (parity). Image existence is left to prepare.py.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from dsvl_cli.data.conversation import Conversation
+from dsvl_cli.data.json_files import read_json
 from dsvl_cli.data.sources.base import (
+    PLACEHOLDER_MISMATCH,
     Source,
     SourceContext,
     clean_dsvl_question,
     conversation,
     expect_type,
-    read_json,
+    placeholders_fit,
+    usable_text,
     user_text,
 )
 from dsvl_cli.data.sources.llava import Dialogue, llava_file, parse_dialogue
@@ -102,7 +106,9 @@ class LlavaOtterBlendSource(Source):
 def llava_by_image(ctx: SourceContext, name: str) -> dict[str, list[Dialogue]]:
     """COCO file name -> its LLaVA dialogues over the three LLaVA files (the original's cache).
 
-    A malformed LLaVA record is left out and counted as "malformed_llava_record".
+    These are the candidates the blend draws from, so only usable ones enter: a malformed record
+    is counted as "malformed_llava_record", one with more than one `<image>` as
+    "placeholder_mismatch", one with a blank question or answer as "blank_llava_record".
     """
     index: dict[str, list[Dialogue]] = {}
     for file in LLAVA_FILES:
@@ -110,8 +116,21 @@ def llava_by_image(ctx: SourceContext, name: str) -> dict[str, list[Dialogue]]:
         for position, record in enumerate(expect_type(read_json(path), list, path, "a list")):
             dialogue = parse_dialogue(record)
             image = record.get("image") if isinstance(record, dict) else None
-            if dialogue is None or not isinstance(image, str):
-                ctx.drop("malformed_llava_record", f"{name}:{file}[{position}]")
+            reason = _unusable(dialogue) if isinstance(image, str) else "malformed_llava_record"
+            if reason:  # _unusable(None) is "malformed_llava_record": dialogue is set below
+                ctx.drop(reason, f"{name}:{file}[{position}]")
                 continue
             index.setdefault(image, []).append(dialogue)
     return index
+
+
+def _unusable(dialogue: Dialogue | None) -> str:
+    """Why a LLaVA dialogue cannot be blended in ("" if it can)."""
+    if dialogue is None:
+        return "malformed_llava_record"
+    questions = [q for q, _ in dialogue.pairs]
+    if not placeholders_fit(questions, 1):
+        return PLACEHOLDER_MISMATCH
+    if not all(usable_text(clean_dsvl_question(q)) and usable_text(a) for q, a in dialogue.pairs):
+        return "blank_llava_record"
+    return ""

@@ -10,12 +10,14 @@
 
 Content is a string or a list of typed parts (`text`, `image`, `image_url`; an image value is a
 path string or `{"url"|"path": ...}`). The ms-swift / LLaMA-Factory style also works: `<image>` in
-a text takes the next entry of the record's top-level `images`. Text parts of one message are
-joined with newlines; image placeholders move to the start of their user turn, because the DSVL
-template shows a round's images before its question. A leading system message becomes
-`Conversation.system`. Paths are resolved against `ctx.image_root` (default: the file's folder);
-`data:` URIs are decoded into `ctx.image_out/messages/`; remote URLs are dropped ("remote_image"):
-dsvl prepares data offline-first and never downloads.
+a text takes the next entry of the record's top-level `images`; texts with no `<image>` at all
+put every top-level image in the first user turn (as llava_json does), and any other count is
+"placeholder_mismatch" (`placeholders_fit`, the check every source shares). Text parts of one
+message are joined with newlines; image placeholders move to the start of their user turn,
+because the DSVL template shows a round's images before its question. A leading system message
+becomes `Conversation.system`. Paths are resolved against `ctx.image_root` (default: the file's
+folder); `file:` URIs are percent-decoded and `data:` URIs decoded into `ctx.image_out/messages/`;
+remote URLs are dropped ("remote_image"): dsvl prepares data offline-first and never downloads.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from typing import Any
 
 from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation
 from dsvl_cli.data.sources.base import (
+    PLACEHOLDER_MISMATCH,
     Source,
     SourceContext,
     conversation,
+    placeholders_fit,
     strip_placeholders,
     user_text,
 )
@@ -77,16 +81,18 @@ class MessagesSource(Source):
         spare = record.get("images", [])
         if not isinstance(spare, list) or not all(isinstance(s, str) for s in spare):
             raise RecordError("malformed_record")
-        spare_refs = iter(spare)
+        texts = _texts(messages)
+        if not placeholders_fit(texts, len(spare)):
+            raise RecordError(PLACEHOLDER_MISMATCH)
+        named = any(IMAGE_PLACEHOLDER in text for text in texts)
+        spare_refs = iter(spare if named else [])
         system = None
         if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
             system_text, system_refs = _content(messages.pop(0), spare_refs)
             if system_refs:
                 raise RecordError("malformed_record")
             system = system_text
-        rounds, refs = _rounds(messages, spare_refs)
-        if next(spare_refs, None) is not None:
-            raise RecordError("image_count_mismatch")
+        rounds, refs = _rounds(messages, spare_refs, [] if named else spare)
         images = []
         for ref in refs:
             resolved, reason = resolve_image(ref, root, ctx, self.name)
@@ -98,9 +104,12 @@ class MessagesSource(Source):
 
 
 def _rounds(
-    messages: list[Any], spare_refs: Iterator[str]
+    messages: list[Any], spare_refs: Iterator[str], first_turn: list[str]
 ) -> tuple[list[tuple[str, str]], list[str]]:
-    """(user text, answer) rounds and the image references in placeholder order."""
+    """(user text, answer) rounds and the image references in placeholder order.
+
+    `first_turn`: images that go at the start of the first user turn (unnamed top-level images).
+    """
     if not messages or len(messages) % 2:
         raise RecordError("odd_turns")
     rounds, refs = [], []
@@ -110,6 +119,7 @@ def _rounds(
         if user.get("role") != "user" or assistant.get("role") != "assistant":
             raise RecordError("bad_roles")
         question, user_refs = _content(user, spare_refs)
+        user_refs = ([] if rounds else first_turn) + user_refs
         answer, answer_refs = _content(assistant, spare_refs)
         if answer_refs:
             raise RecordError("assistant_image")
@@ -130,8 +140,8 @@ def _content(message: dict[str, Any], spare_refs: Iterator[str]) -> tuple[str, l
         if kind == "text" and isinstance(part.get("text"), str):
             for _ in range(part["text"].count(IMAGE_PLACEHOLDER)):
                 ref = next(spare_refs, None)
-                if ref is None:
-                    raise RecordError("image_count_mismatch")
+                if ref is None:  # unreachable after placeholders_fit; kept as a guard
+                    raise RecordError(PLACEHOLDER_MISMATCH)
                 refs.append(ref)
             texts.append(strip_placeholders(part["text"]))
         elif kind in ("image", "image_url"):
@@ -139,6 +149,19 @@ def _content(message: dict[str, Any], spare_refs: Iterator[str]) -> tuple[str, l
         else:
             raise RecordError("unsupported_content")
     return "\n".join(t for t in texts if t), refs
+
+
+def _texts(messages: list[Any]) -> list[str]:
+    """Every text of a record's messages (string contents and `text` parts), for counting."""
+    texts = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for part in parts if isinstance(parts, list) else []:
+            is_text = isinstance(part, dict) and part.get("type") == "text"
+            if is_text and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+    return texts
 
 
 def _image_ref(part: dict[str, Any], kind: str) -> str:

@@ -8,13 +8,15 @@ QAs after it, text-only, in an order drawn once from `ctx.rng`.
 
 Images: CGD uses the COCO train2017 files (`CGD_IMG_<name>` -> `coco/train2017/<name>.jpg`,
 existence left to prepare.py). SD/SN/TVC/VST ship images as `MIMIC-IT/<SUBSET>.json`, a multi-GB
-dict image_id -> base64 JPEG. It is read once with the standard json module (needs RAM about the
-file's size, at prepare time only, in one process, never on the training ranks) and the images
-of kept groups are decoded to `ctx.image_out/<source>/<image_id>.jpg` (skipped when a file of the
-same size is already there). Image ids absent from that dict are left out of their group, as the
-original did (counted as "missing_image_data"; see Otter issue #172); a group left with no image is
-dropped ("no_images"), one with more than `ctx.max_images` too ("too_many_images": the original
-did this for SN/TVC/VST only, while SD/CGD groups over 8 images crashed its template).
+dict image_id -> base64 JPEG. It is streamed with ijson (`stream_object`), never loaded whole
+(that took about twice the file's size in memory): one pass collects the image ids, groups are
+merged, and a second pass decodes the images of kept groups as they pass, writing them to
+`ctx.image_out/<source>/<image_id>.jpg` (skipped when a file of the same size is already there).
+Memory holds one image at a time; parsing is fast next to decoding, so the id pass costs little.
+Image ids absent from that dict are left out of their group, as the original did (counted as
+"missing_image_data"; see Otter issue #172); a group left with no image is dropped ("no_images"),
+one with more than `ctx.max_images` too ("too_many_images": the original did this for SN/TVC/VST
+only, while SD/CGD groups over 8 images crashed its template).
 """
 
 from __future__ import annotations
@@ -22,23 +24,27 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dsvl_cli.data.conversation import Conversation
+from dsvl_cli.data.json_files import read_json, stream_object
 from dsvl_cli.data.sources.base import (
+    PLACEHOLDER_MISMATCH,
     RequiredFile,
     Source,
     SourceContext,
     clean_dsvl_question,
     conversation,
     expect_type,
-    read_json,
+    placeholders_fit,
     user_text,
 )
 from dsvl_cli.data.sources.files import decode_base64, write_once
 from dsvl_cli.data.sources.vqa import COCO_TRAIN2017
 
 MIMICIT_URL = "https://huggingface.co/datasets/pufanyi/MIMICIT"
+IMAGES_WHAT = "image_id -> base64 JPEG"
 CGD_PREFIX = "CGD_IMG_"
 
 # Decides a head record's images: (image references, "") to keep it, (None, reason) to drop it.
@@ -91,7 +97,9 @@ def merge_related(
 
     As the original: a head whose images fail `select` is dropped alone (its related records stay
     in the pool and are visited as heads later); a related record joins the first kept head that
-    names it. Drops are counted per raw record.
+    names it. Each instruction is about the whole image set: one whose `<image>` count is
+    neither 0 nor the group's image count is dropped ("placeholder_mismatch"). Drops are counted
+    per raw record.
     """
     pool = dict(data)
     for key in order:
@@ -104,6 +112,8 @@ def merge_related(
             ctx.drop("malformed_record", f"{name}:{key}")
             continue
         images, reason = select([str(i) for i in image_ids])
+        if images is not None and not placeholders_fit([qa[0]], len(images)):
+            images, reason = None, PLACEHOLDER_MISMATCH
         if images is None:
             ctx.drop(reason, f"{name}:{key}")
             continue
@@ -113,8 +123,9 @@ def merge_related(
             if rel_record is None:
                 continue
             rel_qa = _qa(rel_record)
-            if rel_qa is None:
-                ctx.drop("malformed_record", f"{name}:{rel}")
+            if rel_qa is None or not placeholders_fit([rel_qa[0]], len(images)):
+                reason = "malformed_record" if rel_qa is None else PLACEHOLDER_MISMATCH
+                ctx.drop(reason, f"{name}:{rel}")
                 continue
             group.ins_ids.append(rel)
             group.qas.append(rel_qa)
@@ -178,14 +189,13 @@ class Base64ImageSource(Source):
     def records(self, ctx: SourceContext) -> Iterator[Conversation]:
         data = read_instructions(ctx, self.subset)
         image_path = ctx.data_path / "MIMIC-IT" / f"{self.subset}.json"
-        blobs = expect_type(read_json(image_path), dict, image_path, "image_id -> base64 JPEG")
+        present = {image_id for image_id, _ in stream_object(image_path, IMAGES_WHAT)}
         order = list(data)
         ctx.rng.shuffle(order)
-        decoded: dict[str, str | None] = {}
 
         def select(image_ids: list[str]) -> tuple[list[str] | None, str]:
-            kept = [i for i in image_ids if i in blobs]
-            for missing in (i for i in image_ids if i not in blobs):
+            kept = [i for i in image_ids if i in present]
+            for missing in (i for i in image_ids if i not in present):
                 ctx.drop("missing_image_data", f"{self.name}:{missing}")
             if not kept:
                 return None, "no_images"
@@ -193,25 +203,34 @@ class Base64ImageSource(Source):
                 return None, "too_many_images"
             return kept, ""
 
-        for group in merge_related(data, order, select, ctx, self.name):
+        groups = list(merge_related(data, order, select, ctx, self.name))
+        decoded = self._decode(ctx, image_path, {i for g in groups for i in g.images})
+        for group in groups:
             conv_id = f"{self.name}:{group.ins_ids[0]}"
-            paths = [self._decode(ctx, blobs, decoded, i) for i in group.images]
+            paths = [decoded[i] for i in group.images]
             if any(p is None for p in paths):
                 ctx.drop("bad_image_data", conv_id)
                 continue
             yield group_conversation(ctx, conv_id, group, [p for p in paths if p is not None])
 
     def _decode(
-        self, ctx: SourceContext, blobs: dict[str, Any], done: dict[str, str | None], image_id: str
-    ) -> str | None:
-        """Write one base64 image once; its path for the prepared file, or None if undecodable."""
-        if image_id not in done:
-            data = decode_base64(blobs[image_id])
+        self, ctx: SourceContext, image_path: Path, wanted: set[str]
+    ) -> dict[str, str | None]:
+        """Stream the image file again; write each wanted image as it passes.
+
+        Returns image id -> path for the prepared file, or None where the base64 is undecodable.
+        Memory: one image at a time.
+        """
+        done: dict[str, str | None] = {}
+        for image_id, blob in stream_object(image_path, IMAGES_WHAT):
+            if image_id not in wanted:
+                continue
+            data = decode_base64(blob)
             out = ctx.image_out / self.name / f"{safe_file_name(image_id)}.jpg"
             if data:
                 write_once(out, data)
             done[image_id] = ctx.written_image(out) if data else None
-        return done[image_id]
+        return done
 
 
 def safe_file_name(text: str) -> str:

@@ -7,7 +7,9 @@ Filtering as the original's one-time cache (each counted): an odd number of turn
 roles not strictly user/assistant alternating ("bad_roles"), more than min(8, ctx.max_images)
 images ("too_many_images"), an image file that does not exist ("missing_image": checked here with
 a cheap stat because the original's filter depended on it), images attached to an assistant turn
-("assistant_image": the original loaded them without a placeholder).
+("assistant_image": the original loaded them without a placeholder), a user turn whose `<image>`
+count is neither 0 nor its image count ("placeholder_mismatch"; Sparkles' own
+`<Img><ImageHere></Img>` marker is removed, as the original did, whatever its count).
 
 Text (§2.8 item 5): one tag style per dialogue, drawn once from `ctx.rng`; the k-th image gets the
 k-th tag and `IMAGE#<id>` is replaced by it in that round and later ones. Questions lose
@@ -22,14 +24,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dsvl_cli.data.conversation import Conversation
+from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation
+from dsvl_cli.data.json_files import read_json
 from dsvl_cli.data.sources.base import (
+    PLACEHOLDER_MISMATCH,
     RequiredFile,
     Source,
     SourceContext,
+    choose,
     conversation,
     expect_type,
-    read_json,
+    placeholders_fit,
     user_text,
 )
 from dsvl_cli.data.sources.prompts import SPARKLES_TAG_STYLES
@@ -89,7 +94,7 @@ class SparklesSource(Source):
         self, ctx: SourceContext, conv_id: str, turns: list[dict[str, Any]], image_dir: Path
     ) -> Conversation:
         """Tag images, clean and capitalise texts, introduce each round's images at its start."""
-        style = ctx.rng.choice(SPARKLES_TAG_STYLES)
+        style = choose(ctx.rng, SPARKLES_TAG_STYLES, bool) or SPARKLES_TAG_STYLES[0]
         tags: dict[str, str] = {}
         images: list[Path] = []
         rounds = []
@@ -98,7 +103,8 @@ class SparklesSource(Source):
             for image_id in ids:
                 tags.setdefault(image_id, style[len(images)])
                 images.append(image_dir / f"{image_id}.jpg")
-            question = user["content"].replace(IMAGE_HERE, "").replace("\n", "")
+            question = user["content"].replace(IMAGE_HERE, "").replace(IMAGE_PLACEHOLDER, "")
+            question = question.replace("\n", "")
             question = capitalise_sentences(replace_tags(question, tags))
             answer = capitalise_sentences(replace_tags(assistant["content"], tags))
             rounds.append((user_text(question, len(ids)), answer))
@@ -136,6 +142,8 @@ def _problem(turns: list[dict[str, Any]], image_dir: Path, limit: int) -> str:
         return "bad_roles"
     if any(_image_ids(t) for t in turns[1::2]):
         return "assistant_image"
+    if not all(placeholders_fit([t["content"]], len(_image_ids(t) or [])) for t in turns[0::2]):
+        return PLACEHOLDER_MISMATCH
     ids = [i for t in turns[0::2] for i in _image_ids(t) or []]
     if len(ids) > limit:
         return "too_many_images"

@@ -2,7 +2,8 @@
 
 Each raw record becomes one conversation `"<image>\\n{question}" -> answer`. Grouping several of
 them into one multi-image sample is blend.py's job. Random prompt/caption/QA choices, redrawn on
-every access by the original, are drawn once here from `ctx.rng`.
+every access by the original, are drawn once here from `ctx.rng`, among usable candidates only
+(`choose`). A raw question may hold its one `<image>`; any other count is "placeholder_mismatch".
 """
 
 from __future__ import annotations
@@ -10,19 +11,26 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from dsvl_cli.data.conversation import Conversation
+from dsvl_cli.data.json_files import read_json
 from dsvl_cli.data.sources.base import (
+    PLACEHOLDER_MISMATCH,
     RequiredFile,
     Source,
     SourceContext,
+    choose,
     conversation,
     expect_type,
-    read_json,
+    placeholders_fit,
+    strip_placeholders,
+    usable_text,
     user_text,
 )
+from dsvl_cli.data.sources.files import resolve_image
 from dsvl_cli.data.sources.prompts import CAPTION_PROMPTS, REASON_QUESTIONS
 
 COCO_TRAIN2017 = RequiredFile(
@@ -52,13 +60,18 @@ class AokvqaSource(Source):
         for index, ann in enumerate(expect_type(read_json(ann_path), list, ann_path, "a list")):
             conv_id = f"{self.name}:{_field(ann, 'question_id', index)}"
             try:
-                question = f"{ann['question']} {ctx.rng.choice(REASON_QUESTIONS)}"
+                raw_question = str(ann["question"])
                 choice = ann["choices"][ann["correct_choice_idx"]]
                 answer = f"The answer is {choice}. Because {' '.join(ann['rationales'])}"
                 image = ctx.data_path / "coco/train2017" / f"{int(ann['image_id']):012d}.jpg"
             except (KeyError, IndexError, TypeError, ValueError):
                 ctx.drop("malformed_record", conv_id)
                 continue
+            if not placeholders_fit([raw_question], 1):
+                ctx.drop(PLACEHOLDER_MISMATCH, conv_id)
+                continue
+            reason = choose(ctx.rng, REASON_QUESTIONS) or ""
+            question = f"{strip_placeholders(raw_question)} {reason}"
             yield conversation(conv_id, [(user_text(question, 1), answer)], [image])
 
 
@@ -87,16 +100,19 @@ class CocoCaptionSource(Source):
         images = expect_type(data.get("images"), list, ann_path, 'an "images" list')
         for index, ann in enumerate(images):
             conv_id = f"{self.name}:{_field(ann, 'cocoid', index)}"
-            try:
-                sentences = ann["sentences"]
-                sentences = sentences if isinstance(sentences, list) else [sentences]
-                caption = ctx.rng.choice(sentences)["raw"]
-                image = ctx.data_path / "coco/2014" / ann["filename"]
-            except (KeyError, IndexError, TypeError):
+            sentences = ann.get("sentences") if isinstance(ann, dict) else None
+            sentences = sentences if isinstance(sentences, list) else [sentences]
+            filename = ann.get("filename") if isinstance(ann, dict) else None
+            if not isinstance(filename, str) or sentences in ([], [None]):
                 ctx.drop("malformed_record", conv_id)
                 continue
-            question = user_text(ctx.rng.choice(CAPTION_PROMPTS), 1)
-            yield conversation(conv_id, [(question, caption)], [image])
+            picked = choose(ctx.rng, sentences, _usable_sentence)
+            image, reason = resolve_image(filename, ctx.data_path / "coco/2014", ctx, self.name)
+            if picked is None or image is None:
+                ctx.drop(reason or "empty_answer", conv_id)
+                continue
+            question = user_text(choose(ctx.rng, CAPTION_PROMPTS) or "", 1)
+            yield conversation(conv_id, [(question, picked["raw"])], [image])
 
 
 class MiniGpt4Source(Source):
@@ -130,12 +146,14 @@ class MiniGpt4Source(Source):
             except (KeyError, TypeError):
                 ctx.drop("malformed_record", conv_id)
                 continue
-            question = user_text(ctx.rng.choice(CAPTION_PROMPTS), 1)
+            question = user_text(choose(ctx.rng, CAPTION_PROMPTS) or "", 1)
             yield conversation(conv_id, [(question, caption)], [image])
 
 
 class OcrVqaSource(Source):
     """OCR-VQA (all splits): one randomly drawn (question, answer) pair per book cover.
+
+    The pair is drawn among pairs whose question and answer both hold text ("empty_qa" if none).
 
     Reads each image's header (size only, no decode) because the original dropped covers of
     1 px or less in either dimension (placeholders for unavailable covers): "tiny_image";
@@ -165,18 +183,34 @@ class OcrVqaSource(Source):
             conv_id = f"{self.name}:{key}"
             try:
                 ext = os.path.splitext(ann["imageURL"])[1]
-                questions, answers = ann["questions"], ann["answers"]
-                index = ctx.rng.randrange(len(questions))
-                question, answer = questions[index], answers[index]
-            except (KeyError, IndexError, TypeError, ValueError):
+                questions, answers = list(ann["questions"]), list(ann["answers"])
+            except (KeyError, TypeError):
                 ctx.drop("malformed_record", conv_id)
                 continue
+            if not questions or len(questions) != len(answers):
+                ctx.drop("malformed_record", conv_id)
+                continue
+            pair = choose(ctx.rng, list(zip(questions, answers, strict=True)), _usable_pair)
+            if pair is None or not placeholders_fit([pair[0]], 1):
+                ctx.drop("empty_qa" if pair is None else PLACEHOLDER_MISMATCH, conv_id)
+                continue
+            question, answer = strip_placeholders(pair[0]), pair[1]
             image = ctx.data_path / "OCR_VQA/images" / f"{key}{ext}"
             reason = _size_problem(image)
             if reason is not None:
                 ctx.drop(reason, str(image))
                 continue
             yield conversation(conv_id, [(user_text(question, 1), answer)], [image])
+
+
+def _usable_sentence(sentence: Any) -> bool:
+    """A Karpathy-split sentence whose `raw` caption holds text."""
+    return isinstance(sentence, dict) and usable_text(sentence.get("raw"))
+
+
+def _usable_pair(pair: tuple[Any, Any]) -> bool:
+    """An OCR-VQA (question, answer) pair where both hold text."""
+    return usable_text(pair[0]) and usable_text(pair[1])
 
 
 def _size_problem(path: Path) -> str | None:
