@@ -23,8 +23,10 @@ Rules (the original's Prompter, generalised):
   between them, and each answer, is tokenised as its own segment with
   ``add_special_tokens=False, split_special_tokens=True``: a placeholder can never merge with its
   neighbours, ``</s>`` typed in a message stays text, and the prompt ids of a round are the same
-  at training and at generation. (A SentencePiece tokenizer adds its word-start marker to each
-  segment, as the original's legacy handling did after an added token.)
+  at training and at generation. Image ids come only from placeholders (structure): ``<image>``
+  typed in chat or an eval question reaches here escaped (``conversation.escape_typed``) and is
+  tokenised as the plain characters ``<image>``. (A SentencePiece tokenizer adds its word-start
+  marker to each segment, as the original's legacy handling did after an added token.)
 * Labels: -100 everywhere except the answer tokens and the EOS that ends each answer.
 * ``max_round_tokens`` (the original's 512): caps a round's text tokens (BOS, prompt text, answer,
   EOS; image runs do not count, as the original counted each image as one token) by cutting the
@@ -50,7 +52,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
-from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation
+from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, unescape_typed
 from dsvl_cli.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -139,12 +141,15 @@ class _RoundIds:
 
 
 def question_text(content: str) -> str:
-    """The user message with its placeholders removed (see the module docstring)."""
+    """The user message with its placeholders removed (see the module docstring).
+
+    Typed `<image>` text (`escape_typed`) comes back as the characters `<image>`: plain text.
+    """
 
     def _gap(match: re.Match[str]) -> str:
         return "\n" if "\n" in match.group(0) else " "
 
-    return _PLACEHOLDER_RUN.sub(_gap, content).strip()
+    return unescape_typed(_PLACEHOLDER_RUN.sub(_gap, content).strip())
 
 
 def system_text(conv: Conversation) -> str:
@@ -169,7 +174,7 @@ def _layout(conv: Conversation, first_image_index: int, include_system: bool) ->
     k = first_image_index
     for i, (user, assistant) in enumerate(conv.rounds):
         prefix = system_text(conv) if include_system and i == 0 else ""
-        answer = None if assistant is None else assistant.content
+        answer = None if assistant is None else unescape_typed(assistant.content)
         rounds.append(_render_round(user.content, answer, k, prefix))
         k += rounds[-1].num_images
     return rounds

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from dsvl_cli import __version__
-from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
+from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message, escape_typed
 from dsvl_cli.data.images import load_image
 from dsvl_cli.data.template import encode_prompt
 from dsvl_cli.errors import ConfigError, DataError
@@ -93,8 +93,12 @@ class Round:
 
 
 def user_content(question: str, num_images: int) -> str:
-    """The user message for a round: one placeholder line per image, then the question."""
-    return "\n".join([IMAGE_PLACEHOLDER] * num_images + [question.strip()])
+    """The user message for a round: one placeholder line per image, then the question.
+
+    The question is typed text: `<image>` in it stays text (`escape_typed`); image slots come
+    only from the images attached to the round.
+    """
+    return "\n".join([IMAGE_PLACEHOLDER] * num_images + [escape_typed(question.strip())])
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -194,7 +198,7 @@ class ChatSession:
         for r in self.rounds:
             messages += [
                 Message("user", user_content(r.question, len(r.images))),
-                Message("assistant", r.answer),
+                Message("assistant", escape_typed(r.answer)),
             ]
         return Conversation(messages, self.images, id="chat", source="chat", system=self.system)
 
