@@ -274,7 +274,7 @@ def _initialize(config: Config) -> tuple[Run, Any, int]:
     ds_config = deepspeed_config(config, world)
     built = build_model(config, dtype=DTYPES[config.distributed.precision], ds_config=ds_config)
     model = built.model
-    model.run_vision_without_images = config.distributed.zero_stage == 3
+    model.run_vision_without_images = world > 1
     if config.train.gradient_checkpointing:
         model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
         model.vision.gradient_checkpointing_enable()
