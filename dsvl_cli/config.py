@@ -172,7 +172,16 @@ class TrainConfig(_Strict):
         default=False,
         description="output_dir holds an earlier run: delete it and train from step 0",
     )
-    on_nonfinite: Literal["skip", "stop"] = "skip"
+    on_nonfinite: Literal["skip", "stop"] = Field(
+        default="skip",
+        description="a non-finite loss: stop (exit 2), or skip its micro-batch; a step whose "
+        "every micro-batch is skipped applies no update",
+    )
+    max_nonfinite_steps: int = Field(
+        default=3,
+        gt=0,
+        description="on_nonfinite=skip: stop after this many consecutive skipped steps",
+    )
     tensorboard: bool = True
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -87,3 +88,12 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if torch_dist.is_available() and torch_dist.is_initialized() and world_size() > 1:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
     return tensor
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order; `[obj]` in one process."""
+    if torch_dist.is_available() and torch_dist.is_initialized() and world_size() > 1:
+        out: list[Any] = [None] * world_size()
+        torch_dist.all_gather_object(out, obj)
+        return out
+    return [obj]

@@ -157,7 +157,53 @@ def test_nonfinite_loss_stops_with_a_clear_error(shapes: Path, tmp_path: Path) -
         fit(load_config(RECIPE, overrides(shapes, tmp_path, *extra)))
 
 
-def test_nonfinite_loss_is_skipped_when_configured(shapes: Path, tmp_path: Path) -> None:
-    extra = ("train.max_steps=6", "optim.lr=1e30", "optim.warmup_ratio=null")
-    result = fit(load_config(RECIPE, overrides(shapes, tmp_path, *extra)))
-    assert result.steps == 6  # the run goes on; skipped micro-batches are logged
+def test_lr_1e30_stops_with_one_line_and_exports_nothing(shapes: Path, tmp_path: Path) -> None:
+    """The reported run: loss 6.1, then 0.0 forever, exit 0, NaN weights in final/ (before)."""
+    args = overrides(shapes, tmp_path, "train.max_steps=5", "optim.lr=1e30")
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    done = subprocess.run(
+        [sys.executable, "-m", "dsvl_cli", "train", str(RECIPE), *args, "optim.warmup_ratio=null"],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "learning rate is too high" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "final").exists()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["train/loss"] for r in records if "train/loss" in r]
+    assert logged and all(loss is None or loss > 0.1 for loss in logged)  # never a fake 0.0
+
+
+def test_one_nonfinite_micro_batch_is_skipped(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """on_nonfinite=skip: the bad micro-batch's step applies no update; training goes on."""
+    from dsvl_cli.model.vlm import VisualChatModel
+
+    forward, calls = VisualChatModel.forward, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):  # the 3rd training forward gives a NaN loss
+        out = forward(self, *args, **kwargs)
+        if (
+            self.training
+            and kwargs.get("labels") is not None
+            and kwargs.get("pixel_values") is not None
+        ):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    monkeypatch.setattr(VisualChatModel, "forward", poisoned)
+    result = fit(load_config(RECIPE, overrides(shapes, tmp_path, "train.max_steps=5")))
+    assert result.steps == 5
+    assert [loss != loss for loss in result.losses] == [False, False, True, False, False]
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    step3 = next(r for r in records if r["step"] == 3 and "train/loss" in r)
+    assert step3["train/loss"] is None and step3["train/nonfinite_skipped_batches"] == 1

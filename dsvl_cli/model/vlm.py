@@ -261,7 +261,9 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
         logits = self.get_output_embeddings()(picked).float()
         loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
         if picked.shape[0] == 0:
-            loss_sum = states.sum() * 0.0
+            # Zero, but through the output layer too: every trainable weight gets a gradient on
+            # every rank (ZeRO-1/2 reduce gradients in buckets that must match across ranks).
+            loss_sum = (states.sum() + logits.sum()) * 0.0
         return loss_sum, keep.sum()
 
     # ------------------------------------------------------------------ generation

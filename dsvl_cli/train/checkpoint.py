@@ -43,6 +43,7 @@ class TrainState:
     batches_in_epoch: int = 0
     best_eval_loss: float | None = None
     skips: dict[str, Any] = field(default_factory=dict)
+    nonfinite: dict[str, Any] = field(default_factory=dict)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -1,39 +1,56 @@
-"""`dsvl train`: fit / train_step / evaluate on a DeepSpeed engine, with exact resume.
+"""`dsvl train`: the `Trainer` owns one run on a DeepSpeed engine, with exact resume.
 
 Loss: per optimiser step, sum of token losses over every supervised token of every micro-batch on
 every rank, divided by the global supervised-token count (gathered before the backward passes),
 so long and short answers weigh the same wherever they land. A micro-batch with no supervised
 token contributes zero, never NaN.
+
+Every rank runs the same collectives whatever its micro-batch holds: an empty micro-batch (all
+its samples skipped) runs a zero-loss placeholder, a micro-batch without images still runs the
+vision tower (`VisualChatModel.run_vision_without_images`), and evaluation equalises batch counts.
+Resume, logging, skip accounting and metric aggregation live here; `state_dict()` is what a
+checkpoint stores.
 """
 
 from __future__ import annotations
 
-import math
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dsvl_cli import dist
 from dsvl_cli.config import Config, save_config
 from dsvl_cli.data.blend import blend_manifest, load_blend, write_blend_report
 from dsvl_cli.data.collate import Batch, Collator
-from dsvl_cli.data.dataset import ConversationDataset, SkipCounter, make_loader, set_epoch
-from dsvl_cli.errors import DsvlError
+from dsvl_cli.data.dataset import SkipCounter, set_epoch
+from dsvl_cli.errors import DataError
 from dsvl_cli.log import console, get_logger
-from dsvl_cli.model.builder import Built, build_model
+from dsvl_cli.model.builder import build_model
+from dsvl_cli.train import batches as B
 from dsvl_cli.train.checkpoint import TrainState, find_resume, load_checkpoint, save_checkpoint
 from dsvl_cli.train.engine import (
     check_epoch_fits_a_step,
     deepspeed_config,
     gradient_accumulation_steps,
 )
+from dsvl_cli.train.evaluation import evaluate
 from dsvl_cli.train.export import export_model
 from dsvl_cli.train.metrics import MetricsWriter
 from dsvl_cli.train.native_ops import check_cpu_adam
+from dsvl_cli.train.nonfinite import (
+    NonFiniteGuard,
+    TrainingError,
+    any_rank,
+    check_after_step,
+    check_eval,
+    no_update,
+)
 from dsvl_cli.train.optim import (
     build_optimizer,
     build_scheduler,
@@ -45,30 +62,7 @@ from dsvl_cli.train.progress import TrainProgress
 from dsvl_cli.train.run_dir import prepare_run_dir
 
 log = get_logger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainingError(DsvlError):
-    """Training cannot go on (non-finite loss with on_nonfinite=stop, too many bad samples)."""
-
-
-@dataclass
-class Run:
-    """Everything one training run holds on to."""
-
-    config: Config
-    built: Built
-    engine: Any
-    blend: Any
-    collator: Collator
-    device: torch.device
-    grad_accum: int
-    output_dir: Path
-    metrics: MetricsWriter
-    steps_per_epoch: int = 0
-    state: TrainState = field(default_factory=TrainState)
-    skips: SkipCounter = field(default_factory=SkipCounter)
-    losses: list[float] = field(default_factory=list)
+__all__ = ["FitResult", "Trainer", "TrainingError", "fit"]
 
 
 @dataclass
@@ -79,279 +73,290 @@ class FitResult:
     output_dir: Path
 
 
+@dataclass
+class StepResult:
+    """One optimiser step: mean loss (NaN if every micro-batch was skipped), input tokens."""
+
+    loss: float
+    tokens: int
+    skipped: bool
+
+
+class Trainer:
+    """One training run: model, data, DeepSpeed engine, state, metrics, exports.
+
+    Build it from a validated config (this initialises the process group, builds the model and
+    the engine), then `fit()`. `state_dict()` / `load_state_dict()` cover everything a resumed
+    run needs beyond the engine's own checkpoint (step, epoch position, best eval loss, skip and
+    non-finite counts).
+    """
+
+    def __init__(self, config: Config) -> None:
+        prepare_run_dir(config.train)
+        check_cpu_adam(config)
+        dist.init()
+        _seed(config.train.seed)
+        self.config, self.world, self.device = config, dist.world_size(), dist.device()
+        self.precision = config.distributed.precision
+        ds_config = deepspeed_config(config, self.world)
+        self.built = build_model(config, dtype=B.DTYPES[self.precision], ds_config=ds_config)
+        model = self.built.model
+        model.run_vision_without_images = self.world > 1
+        if config.train.gradient_checkpointing:
+            model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.vision.gradient_checkpointing_enable()
+        self.blend = load_blend(config.data, config.model.max_images_per_sample)
+        self.collator = Collator(self.built.tokenizer.pad_token_id)
+        self.output_dir = Path(config.train.output_dir)
+        self.grad_accum = gradient_accumulation_steps(config, self.world)
+        first_split = self.blend.train_split(0)
+        self.blend_report = blend_manifest(self.blend, 0, first_split)
+        loader_batches = len(B.train_loader(config, self.built, first_split, self.collator))
+        check_epoch_fits_a_step(config, self.world, loader_batches)
+        # Incomplete accumulation windows at an epoch's end are dropped (see _run_epoch).
+        self.steps_per_epoch = loader_batches // self.grad_accum
+        full = self.steps_per_epoch * self.grad_accum
+        self.total = total_steps(full, self.grad_accum, config.train.epochs, config.train.max_steps)
+        self.engine = self._engine(ds_config)
+        self.state = TrainState()
+        self.skips = SkipCounter()
+        self.guard = NonFiniteGuard(config.train.on_nonfinite, config.train.max_nonfinite_steps)
+        self.losses: list[float] = []
+        self.last_checkpoint: str | None = None
+        self.metrics: MetricsWriter | None = None
+        eval_split = self.blend.eval_split()
+        self.eval_loader = B.eval_loader(config, self.built, eval_split, self.collator)
+
+    def _engine(self, ds_config: dict[str, Any]) -> Any:
+        import deepspeed
+
+        model, config = self.built.model, self.config
+        optimizer = build_optimizer(model, config)
+        if dist.is_main():
+            console.print(trainable_table(model, param_groups(model, config)))
+        scheduler = build_scheduler(optimizer, config, self.total)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        return engine
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> TrainState:
+        """Where the run stands (the engine's weights and optimiser are DeepSpeed's part)."""
+        self.state.skips = self.skips.state_dict()
+        self.state.nonfinite = self.guard.state_dict()
+        return TrainState(**asdict(self.state))
+
+    def load_state_dict(self, state: TrainState) -> None:
+        self.state = state
+        if state.skips:
+            self.skips.load_state_dict(state.skips)
+        self.guard.load_state_dict(state.nonfinite)
+
+    # ------------------------------------------------------------------ run
+
+    def fit(self) -> FitResult:
+        """Train as the config says: resume if asked, evaluate, checkpoint, export."""
+        resumed = self._resume()
+        self._prepare_output(resumed)
+        if self.state.step == 0:
+            self._after_eval(self.evaluate())
+        if self.state.step < self.total:
+            eval_loss = self._train_epochs()
+        else:
+            log.info("the checkpoint is at step %d of %d: nothing left to train", *self._at())
+            eval_loss = self.evaluate()["eval/loss"]
+            check_eval(eval_loss, self.state.step, self.last_checkpoint)
+        self._export("final", eval_loss)
+        assert self.metrics is not None
+        self.metrics.close()
+        log.info("skipped samples: %s", self._skip_summary() or "none")
+        return FitResult(self.state.step, self.losses, eval_loss, self.output_dir)
+
+    def _at(self) -> tuple[int, int]:
+        return self.state.step, self.total
+
+    def _resume(self) -> int | None:
+        """Load the checkpoint `train.resume` points at; the step resumed from, or None."""
+        cfg = self.config.train
+        path = None if cfg.overwrite else find_resume(self.output_dir, cfg.resume)
+        if path is None:
+            return None
+        self.load_state_dict(load_checkpoint(self.engine, path))
+        self.last_checkpoint = str(path)
+        log.info("resumed from %s at step %d", path, self.state.step)
+        return self.state.step
+
+    def _prepare_output(self, resumed: int | None) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            save_config(self.config, self.output_dir / "config.yaml")
+            write_blend_report(self.output_dir / "blend.json", self.blend_report)
+        self.metrics = MetricsWriter(self.output_dir, self.config.train.tensorboard, resumed)
+
+    def _train_epochs(self) -> float | None:
+        """Train from the current state to the last step; returns the last eval loss.
+
+        Each epoch that ends (all its full steps done) is exported as epoch-K, K counting from 1.
+        """
+        cfg, metrics = self.config.train, {}
+        progress = TrainProgress(self.total, cfg.epochs, self.state.step, cfg.log_every)
+        with progress:
+            for epoch in range(self.state.epoch, cfg.epochs):
+                more = self._run_epoch(epoch, progress)
+                metrics = self.evaluate()
+                self._after_eval(metrics)
+                if more or self._epoch_done():
+                    self.state.epoch, self.state.batches_in_epoch = epoch + 1, 0
+                    self._export(f"epoch-{epoch + 1}", metrics["eval/loss"])
+                if not more:
+                    break
+        return metrics.get("eval/loss")
+
+    def _run_epoch(self, epoch: int, progress: TrainProgress) -> bool:
+        """Train one epoch (from the resume point); returns False when the last step is done."""
+        cfg, state = self.config.train, self.state
+        split = self.blend.train_split(epoch)
+        loader = B.train_loader(self.config, self.built, split, self.collator)
+        skip = state.batches_in_epoch if epoch == state.epoch else 0
+        set_epoch(loader, epoch, skip_batches=skip)
+        state.epoch, state.batches_in_epoch = epoch, skip
+        batches = iter(loader)
+        while window := list(islice(batches, self.grad_accum)):
+            if len(window) < self.grad_accum:
+                break  # an incomplete accumulation window at the epoch's end is dropped
+            start = time.perf_counter()
+            result = self.train_step(window)
+            state.step += 1
+            state.batches_in_epoch += self.grad_accum
+            self.losses.append(result.loss)
+            self._log_step(result, time.perf_counter() - start, progress)
+            if cfg.eval_every and state.step % cfg.eval_every == 0:
+                self._after_eval(self.evaluate())
+            if cfg.save_every and state.step % cfg.save_every == 0:
+                path = save_checkpoint(
+                    self.engine, self.state_dict(), self.output_dir, cfg.keep_last
+                )
+                self.last_checkpoint = str(path)
+            if state.step >= self.total:
+                return False
+        return True
+
+    def _epoch_done(self) -> bool:
+        """True once the epoch in progress has had its last full step (see _run_epoch)."""
+        return self.state.batches_in_epoch >= self.steps_per_epoch * self.grad_accum
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self, window: list[Batch]) -> StepResult:
+        """One optimiser step over `grad_accum` micro-batches (see the module docstring)."""
+        engine, scale = self.engine, self.grad_accum * self.world
+        counts = torch.tensor([sum(B.supervised_tokens(b) for b in window)], dtype=torch.float64)
+        global_tokens = max(float(dist.all_reduce_sum(counts.to(self.device)).item()), 1.0)
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        dropped = 0
+        for batch in window:
+            self.skips.update(batch)
+            out = engine(**B.model_inputs(batch, self.built, self.device, self.precision))
+            if any_rank(not bool(torch.isfinite(out.loss_sum)), self.device):
+                self.guard.bad_loss(self.state.step + 1, batch.ids, self.last_checkpoint)
+                # Every rank drops this micro-batch but keeps its backward/step sequence: an
+                # unsupervised placeholder gives a finite zero loss with a connected graph.
+                out = engine(**B.placeholder_inputs(self.built, self.device))
+                dropped += 1
+            else:
+                loss_total += out.loss_sum.detach().double()
+            engine.backward(out.loss_sum * scale / global_tokens)
+            with no_update(engine.optimizer, active=dropped == len(window)):
+                engine.step()
+        skipped = dropped == len(window)
+        self.guard.end_step(self.state.step + 1, skipped, self.last_checkpoint)
+        check_after_step(engine, self.state.step + 1, self._lr(), self.device, self.last_checkpoint)
+        loss = float(dist.all_reduce_sum(loss_total).item()) / global_tokens
+        tokens = torch.tensor([sum(B.input_tokens(b) for b in window)], device=self.device)
+        total_tokens = int(dist.all_reduce_sum(tokens).item())
+        return StepResult(float("nan") if skipped else loss, total_tokens, skipped)
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss and perplexity over the eval split, each sample counted once across ranks."""
+        return evaluate(self.engine, self.eval_loader, self.built, self.device, self.precision)
+
+    def _lr(self) -> float:
+        lrs = self.engine.get_lr()
+        return float(lrs[0]) if lrs else 0.0
+
+    def _after_eval(self, metrics: dict[str, float]) -> None:
+        assert self.metrics is not None
+        self.metrics.write(self.state.step, metrics)
+        loss = metrics["eval/loss"]
+        log.info("step %d eval loss %.4f ppl %.2f", self.state.step, loss, metrics["eval/ppl"])
+        check_eval(loss, self.state.step, self.last_checkpoint)
+        best = self.state.best_eval_loss
+        if best is None or loss < best:
+            self.state.best_eval_loss = loss
+            self._export("best", loss)
+
+    def _log_step(self, result: StepResult, seconds: float, progress: TrainProgress) -> None:
+        assert self.metrics is not None
+        lr, step = self._lr(), self.state.step
+        progress.update(step, self.state.epoch, result.loss, lr, result.tokens, seconds)
+        if step % self.config.train.log_every != 0:
+            return
+        seen, skipped = self._skip_totals()
+        self.metrics.write(
+            step,
+            {
+                "train/loss": result.loss,
+                "train/lr": lr,
+                "train/tokens_per_s": result.tokens / max(seconds, 1e-9),
+                "train/nonfinite_skipped_batches": self.guard.skipped_batches,
+                "data/skipped": skipped,
+            },
+        )
+        limit = self.config.data.max_failure_fraction
+        if seen >= 100 and skipped / seen > limit:
+            raise DataError(
+                f"{skipped} of {seen} samples failed ({self._skip_summary()}) — over "
+                f"data.max_failure_fraction={limit}; fix the data (`dsvl prepare-data` reports "
+                "bad images) or raise the limit"
+            )
+
+    def _skip_totals(self) -> tuple[int, int]:
+        """(samples seen, samples skipped) summed over ranks; every rank must call it."""
+        counts = torch.tensor([self.skips.seen, self.skips.total], dtype=torch.float64)
+        counts = dist.all_reduce_sum(counts.to(self.device))
+        return int(counts[0]), int(counts[1])
+
+    def _skip_summary(self) -> str:
+        """Skipped samples of every rank by reason (collective: every rank calls it)."""
+        merged = SkipCounter()
+        for state in dist.gather_objects(self.skips.state_dict()):
+            part = SkipCounter()
+            part.load_state_dict(state)
+            merged.by_reason.update(part.by_reason)
+            for reason, ids in part.examples.items():
+                merged.examples.setdefault(reason, []).extend(ids[:3])
+        return merged.summary()
+
+    def _export(self, name: str, eval_loss: float | None) -> None:
+        meta = {"step": self.state.step, "epoch": self._epochs_completed(), "eval_loss": eval_loss}
+        model = self.engine.module
+        path = export_model(model, self.built, self.config, self.output_dir / name, meta)
+        if path is not None:
+            log.info("exported %s", path)
+
+    def _epochs_completed(self) -> int:
+        """Whole epochs trained so far: `epoch` in every export's meta.json (epoch-K/ says K)."""
+        return self.state.epoch + (1 if self._epoch_done() else 0)
+
+
 def _seed(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _dataset(run: Run, split: Any) -> ConversationDataset:
-    model, cfg = run.built.model, run.config
-    return ConversationDataset(
-        split.conversations,
-        split.base_dirs,
-        tokenizer=run.built.tokenizer,
-        image_token_id=model.image_token_id,
-        tokens_per_image=model.tokens_per_image,
-        image_transform=run.built.image_transform,
-        image_size=model.vision.image_size,
-        max_seq_len=cfg.model.max_seq_len,
-        overlength=cfg.data.overlength,
-        max_images=cfg.model.max_images_per_sample,
-        max_round_tokens=cfg.data.max_round_tokens,
-    )
-
-
-def _loader(run: Run, split: Any, train: bool) -> Any:
-    cfg = run.config
-    return make_loader(
-        _dataset(run, split),
-        batch_size=cfg.train.micro_batch_size if train else cfg.train.eval_batch_size,
-        collate_fn=run.collator,
-        shuffle=train,
-        seed=cfg.data.seed,
-        workers=cfg.data.workers,
-        drop_last=train,
-        rank=dist.rank(),
-        world_size=dist.world_size(),
-    )
-
-
-def _empty_inputs(run: Run) -> dict[str, torch.Tensor]:
-    """A one-token, unsupervised input for ranks whose batch was entirely skipped."""
-    pad = run.built.tokenizer.pad_token_id
-    ids = torch.tensor([[pad]], device=run.device)
-    return {"input_ids": ids, "labels": torch.full_like(ids, -100)}
-
-
-def _inputs(run: Run, batch: Batch) -> dict[str, torch.Tensor]:
-    if batch.is_empty:
-        return _empty_inputs(run)
-    batch = batch.to(run.device)
-    pixels = batch.pixel_values if batch.pixel_values.shape[0] > 0 else None
-    if pixels is not None:
-        pixels = pixels.to(DTYPES[run.config.distributed.precision])
-    return {
-        "input_ids": batch.input_ids,
-        "attention_mask": batch.attention_mask,
-        "labels": batch.labels,
-        "pixel_values": pixels,
-    }
-
-
-def _supervised(batch: Batch) -> int:
-    return 0 if batch.is_empty else int((batch.labels[:, 1:] != -100).sum())
-
-
-def train_step(run: Run, window: list[Batch]) -> tuple[float, int]:
-    """One optimiser step over `grad_accum` micro-batches; returns (mean loss, input tokens)."""
-    engine, scale = run.engine, run.grad_accum * dist.world_size()
-    counts = torch.tensor([sum(_supervised(b) for b in window)], dtype=torch.float64)
-    global_tokens = max(float(dist.all_reduce_sum(counts.to(run.device)).item()), 1.0)
-    loss_total = torch.zeros((), dtype=torch.float64, device=run.device)
-    for batch in window:
-        run.skips.update(batch)
-        out = engine(**_inputs(run, batch))
-        bad = torch.tensor([0.0 if torch.isfinite(out.loss_sum) else 1.0], device=run.device)
-        if dist.all_reduce_max(bad).item() > 0:
-            _on_nonfinite(run, batch)
-            # Drop this micro-batch but keep every rank's backward/step sequence identical:
-            # an unsupervised dummy input gives a finite zero loss with a connected graph.
-            out = engine(**_empty_inputs(run))
-        else:
-            loss_total += out.loss_sum.detach().double()
-        engine.backward(out.loss_sum * scale / global_tokens)
-        engine.step()
-    loss = float(dist.all_reduce_sum(loss_total).item()) / global_tokens
-    tokens = torch.tensor([sum(0 if b.is_empty else int(b.attention_mask.sum()) for b in window)])
-    return loss, int(dist.all_reduce_sum(tokens.to(run.device)).item())
-
-
-def _on_nonfinite(run: Run, batch: Batch) -> None:
-    ids = ", ".join(batch.ids[:4])
-    message = f"non-finite loss at step {run.state.step + 1} (samples: {ids})"
-    if run.config.train.on_nonfinite == "stop":
-        raise TrainingError(
-            f"{message}; lower optim.lr, use distributed.precision=bf16 or fp32, or set "
-            "train.on_nonfinite=skip"
-        )
-    log.warning("%s: micro-batch skipped (train.on_nonfinite=skip)", message)
-
-
-@torch.no_grad()
-def evaluate(run: Run, loader: Any) -> dict[str, float]:
-    """Teacher-forced loss and perplexity over the eval split, summed over ranks."""
-    run.engine.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=run.device)
-    for batch in loader:
-        out = run.engine(**_inputs(run, batch))
-        totals[0] += out.loss_sum.double()
-        totals[1] += out.num_tokens.double()
-    run.engine.train()
-    dist.all_reduce_sum(totals)
-    loss = float(totals[0] / totals[1].clamp(min=1))
-    return {
-        "eval/loss": loss,
-        "eval/ppl": math.exp(min(loss, 50.0)),
-        "eval/tokens": float(totals[1]),
-    }
-
-
-def _epoch_done(run: Run) -> bool:
-    """True once the epoch in progress has had its last full step (see _run_epoch)."""
-    return run.state.batches_in_epoch >= run.steps_per_epoch * run.grad_accum
-
-
-def epochs_completed(run: Run) -> int:
-    """Whole epochs trained so far: `epoch` in every export's meta.json (epoch-K/ says K)."""
-    return run.state.epoch + (1 if _epoch_done(run) else 0)
-
-
-def _export(run: Run, name: str, eval_loss: float | None) -> None:
-    meta = {"step": run.state.step, "epoch": epochs_completed(run), "eval_loss": eval_loss}
-    path = export_model(run.engine.module, run.built, run.config, run.output_dir / name, meta)
-    if path is not None:
-        log.info("exported %s", path)
-
-
-def _after_eval(run: Run, metrics: dict[str, float]) -> None:
-    run.metrics.write(run.state.step, metrics)
-    loss = metrics["eval/loss"]
-    log.info("step %d eval loss %.4f ppl %.2f", run.state.step, loss, metrics["eval/ppl"])
-    best = run.state.best_eval_loss
-    if best is None or loss < best:
-        run.state.best_eval_loss = loss
-        _export(run, "best", loss)
-
-
-def _log_step(run: Run, loss: float, tokens: int, seconds: float, progress: TrainProgress) -> None:
-    lr = run.engine.get_lr()[0] if run.engine.get_lr() else 0.0
-    values = {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tokens / max(seconds, 1e-9)}
-    progress.update(run.state.step, run.state.epoch, loss, lr, tokens, seconds)
-    if run.state.step % run.config.train.log_every == 0:
-        skipped = run.skips.total
-        run.metrics.write(run.state.step, {**values, "data/skipped": skipped})
-        run.skips.check(run.config.data.max_failure_fraction)
-
-
-def _run_epoch(run: Run, epoch: int, eval_loader: Any, progress: TrainProgress, total: int) -> bool:
-    """Train one epoch (from the resume point); returns False when max_steps was reached."""
-    cfg, state = run.config.train, run.state
-    loader = _loader(run, run.blend.train_split(epoch), train=True)
-    skip = state.batches_in_epoch if epoch == state.epoch else 0
-    set_epoch(loader, epoch, skip_batches=skip)
-    state.epoch, state.batches_in_epoch = epoch, skip
-    batches = iter(loader)
-    while window := list(islice(batches, run.grad_accum)):
-        if len(window) < run.grad_accum:
-            break  # an incomplete accumulation window at the epoch's end is dropped
-        start = time.perf_counter()
-        loss, tokens = train_step(run, window)
-        state.step += 1
-        state.batches_in_epoch += run.grad_accum
-        run.losses.append(loss)
-        _log_step(run, loss, tokens, time.perf_counter() - start, progress)
-        if cfg.eval_every and state.step % cfg.eval_every == 0:
-            _after_eval(run, evaluate(run, eval_loader))
-        if cfg.save_every and state.step % cfg.save_every == 0:
-            state.skips = run.skips.state_dict()
-            save_checkpoint(run.engine, state, run.output_dir, cfg.keep_last)
-        if state.step >= total:
-            return False
-    return True
-
-
-def _initialize(config: Config) -> tuple[Run, Any, int]:
-    import deepspeed
-
-    dist.init()
-    _seed(config.train.seed)
-    world = dist.world_size()
-    ds_config = deepspeed_config(config, world)
-    built = build_model(config, dtype=DTYPES[config.distributed.precision], ds_config=ds_config)
-    model = built.model
-    model.run_vision_without_images = world > 1
-    if config.train.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
-        model.vision.gradient_checkpointing_enable()
-    blend = load_blend(config.data, config.model.max_images_per_sample)
-    pad = built.tokenizer.pad_token_id
-    run = Run(config, built, None, blend, Collator(pad), dist.device(), 0, Path(), None)  # type: ignore[arg-type]
-    run.grad_accum = gradient_accumulation_steps(config, world)
-    run.output_dir = Path(config.train.output_dir)
-    batches = len(_loader(run, blend.train_split(0), train=True))
-    check_epoch_fits_a_step(config, world, batches)
-    # Incomplete accumulation windows at an epoch's end are dropped (see _run_epoch).
-    run.steps_per_epoch = batches // run.grad_accum
-    full = run.steps_per_epoch * run.grad_accum
-    total = total_steps(full, run.grad_accum, config.train.epochs, config.train.max_steps)
-    optimizer = build_optimizer(model, config)
-    if dist.is_main():
-        console.print(trainable_table(model, param_groups(model, config)))
-    scheduler = build_scheduler(optimizer, config, total)
-    run.engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
-    return run, blend, total
-
-
-def _prepare_output(run: Run) -> None:
-    run.output_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main():
-        save_config(run.config, run.output_dir / "config.yaml")
-        report = blend_manifest(run.blend, 0, run.blend.train_split(0))
-        write_blend_report(run.output_dir / "blend.json", report)
-    run.metrics = MetricsWriter(run.output_dir, run.config.train.tensorboard)
-
-
-def _train_epochs(run: Run, eval_loader: Any, total: int) -> float | None:
-    """Train from the current state to `total` steps; returns the last eval loss.
-
-    Each epoch that ends (all its full steps done) is exported as epoch-K, K counting from 1.
-    """
-    cfg, metrics = run.config.train, {}
-    with TrainProgress(total, cfg.epochs, start=run.state.step, log_every=cfg.log_every) as bar:
-        for epoch in range(run.state.epoch, cfg.epochs):
-            more = _run_epoch(run, epoch, eval_loader, bar, total)
-            metrics = evaluate(run, eval_loader)
-            _after_eval(run, metrics)
-            if more or _epoch_done(run):
-                run.state.epoch, run.state.batches_in_epoch = epoch + 1, 0
-                _export(run, f"epoch-{epoch + 1}", metrics["eval/loss"])
-            if not more:
-                break
-    return metrics.get("eval/loss")
-
-
-def _resume(run: Run) -> None:
-    cfg = run.config.train
-    resume = None if cfg.overwrite else find_resume(run.output_dir, cfg.resume)
-    if resume is not None:
-        run.state = load_checkpoint(run.engine, resume)
-        run.skips.load_state_dict(run.state.skips)
-        log.info("resumed from %s at step %d", resume, run.state.step)
-
-
 def fit(config: Config) -> FitResult:
-    """Train as the config says: resume if asked, evaluate, checkpoint, export."""
-    prepare_run_dir(config.train)
-    check_cpu_adam(config)
-    run, blend, total = _initialize(config)
-    _prepare_output(run)
-    _resume(run)
-    eval_loader = _loader(run, blend.eval_split(), train=False)
-    if run.state.step == 0:
-        _after_eval(run, evaluate(run, eval_loader))
-    if run.state.step < total:
-        eval_loss = _train_epochs(run, eval_loader, total)
-    else:
-        log.info("the checkpoint is at step %d of %d: nothing left to train", run.state.step, total)
-        eval_loss = evaluate(run, eval_loader)["eval/loss"]
-    _export(run, "final", eval_loss)
-    run.metrics.close()
-    log.info("skipped samples: %s", run.skips.summary() or "none")
-    return FitResult(run.state.step, run.losses, eval_loss, run.output_dir)
+    """Train a run from a validated config (see `Trainer`)."""
+    return Trainer(config).fit()

@@ -1,0 +1,115 @@
+"""What the trainer feeds the engine: datasets and loaders of a split, and model inputs of a batch.
+
+Training shards with `DistributedSampler(drop_last=True)` (no sample twice in an epoch).
+Evaluation shards without padding (`EvalShard`: rank r takes samples r, r + W, r + 2W, ...), so a
+sample is scored exactly once whatever the world size; ranks with fewer batches run zero-weight
+placeholder forwards (`placeholder_inputs`) so that every rank runs the same collectives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from dsvl_cli import dist
+from dsvl_cli.config import Config
+from dsvl_cli.data.collate import Batch, Collator
+from dsvl_cli.data.dataset import ConversationDataset, make_loader
+from dsvl_cli.data.template import IGNORE_INDEX
+from dsvl_cli.model.builder import Built
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class EvalShard(Sampler[int]):
+    """Indices `rank, rank + world, ...` of `total`: uneven shares, never a repeated sample."""
+
+    def __init__(self, total: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, total, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def dataset(config: Config, built: Built, split: Any) -> ConversationDataset:
+    """The tokenising, image-loading dataset of one blend split."""
+    model = built.model
+    return ConversationDataset(
+        split.conversations,
+        split.base_dirs,
+        tokenizer=built.tokenizer,
+        image_token_id=model.image_token_id,
+        tokens_per_image=model.tokens_per_image,
+        image_transform=built.image_transform,
+        image_size=model.vision.image_size,
+        max_seq_len=config.model.max_seq_len,
+        overlength=config.data.overlength,
+        max_images=config.model.max_images_per_sample,
+        max_round_tokens=config.data.max_round_tokens,
+    )
+
+
+def train_loader(config: Config, built: Built, split: Any, collator: Collator) -> DataLoader:
+    """This rank's shuffled, drop-last share of a training split."""
+    return make_loader(
+        dataset(config, built, split),
+        batch_size=config.train.micro_batch_size,
+        collate_fn=collator,
+        shuffle=True,
+        seed=config.data.seed,
+        workers=config.data.workers,
+        drop_last=True,
+        rank=dist.rank(),
+        world_size=dist.world_size(),
+    )
+
+
+def eval_loader(config: Config, built: Built, split: Any, collator: Collator) -> DataLoader:
+    """This rank's share of the eval split, in order, without padding duplicates."""
+    data = dataset(config, built, split)
+    return DataLoader(
+        data,
+        batch_size=config.train.eval_batch_size,
+        sampler=EvalShard(len(data), dist.rank(), dist.world_size()),
+        collate_fn=collator,
+        num_workers=config.data.workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def placeholder_inputs(built: Built, device: torch.device) -> dict[str, torch.Tensor]:
+    """A one-token, unsupervised input: a zero-loss forward that keeps a rank in step."""
+    ids = torch.tensor([[built.tokenizer.pad_token_id]], device=device)
+    return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX)}
+
+
+def model_inputs(
+    batch: Batch, built: Built, device: torch.device, precision: str
+) -> dict[str, torch.Tensor]:
+    """Forward kwargs of a batch (pixels cast to the training dtype); a placeholder if empty."""
+    if batch.is_empty:
+        return placeholder_inputs(built, device)
+    batch = batch.to(device)
+    pixels = batch.pixel_values if batch.pixel_values.shape[0] > 0 else None
+    return {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "labels": batch.labels,
+        "pixel_values": None if pixels is None else pixels.to(DTYPES[precision]),
+    }
+
+
+def supervised_tokens(batch: Batch) -> int:
+    """Positions whose next token is a training target."""
+    return 0 if batch.is_empty else int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def input_tokens(batch: Batch) -> int:
+    """Non-pad input tokens (for tokens/s)."""
+    return 0 if batch.is_empty else int(batch.attention_mask.sum())
