@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -88,6 +89,15 @@ def _run_cli(*args: str) -> subprocess.Popen[str]:
     )
 
 
+def _last_logged_step(out: Path) -> int:
+    """The newest step in metrics.jsonl while another process writes it (partial lines ignored)."""
+    path, last = out / "metrics.jsonl", 0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            last = max(last, json.loads(line)["step"])
+    return last
+
+
 def test_resume_after_sigkill_equals_uninterrupted(shapes: Path, tmp_path: Path) -> None:
     # A constant schedule so both runs see the same lr whatever their total step count.
     common = ("optim.schedule=constant", "optim.warmup_ratio=null", "train.save_every=3")
@@ -99,7 +109,10 @@ def test_resume_after_sigkill_equals_uninterrupted(shapes: Path, tmp_path: Path)
         *overrides(shapes, cut, "train.max_steps=500", "train.keep_last=100", *common)
     )
     deadline = time.time() + 240
-    while not (cut / "checkpoints" / "step-3" / "trainer_state.json").exists():
+    # Kill once steps after the checkpoint are logged: they must not appear twice after resume.
+    while not (cut / "checkpoints" / "step-3" / "trainer_state.json").exists() or (
+        _last_logged_step(cut) < 5
+    ):
         assert victim.poll() is None and time.time() < deadline, victim.communicate()[0]
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
@@ -111,8 +124,12 @@ def test_resume_after_sigkill_equals_uninterrupted(shapes: Path, tmp_path: Path)
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output
     expected, got = losses(full), losses(cut)
-    for step in range(4, 10):
+    for step in range(1, 10):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), (step, expected, got)
+    records = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    for series in ("train/loss", "eval/loss"):
+        steps = [r["step"] for r in records if series in r]
+        assert steps == sorted(set(steps)), (series, steps)  # strictly increasing, no repeats
 
 
 def test_resume_ignores_half_written_checkpoints(tmp_path: Path) -> None:
