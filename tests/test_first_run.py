@@ -226,9 +226,15 @@ def test_a_finished_run_with_checkpoints_is_not_retrained(shapes: Path, tmp_path
     with pytest.raises(ConfigError, match=rf"; to train it further, .* train.resume={last}$"):
         fit(load_config(RECIPE, args))
     before = train_records(tmp_path)
+    metrics_before = (tmp_path / "metrics.jsonl").read_text()
+    epochs_before = sorted(p.name for p in tmp_path.glob("epoch-*"))
+    best_before = (tmp_path / "best" / "meta.json").stat().st_mtime_ns
     result = fit(load_config(RECIPE, [*args, f"train.resume={last}"]))
     assert result.steps == 4 and result.losses == []  # resumed at the last step: nothing to do
     assert train_records(tmp_path) == before
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics_before  # no repeated eval record
+    assert sorted(p.name for p in tmp_path.glob("epoch-*")) == epochs_before
+    assert (tmp_path / "best" / "meta.json").stat().st_mtime_ns == best_before
     assert meta(tmp_path / "final")["step"] == 4
 
 
