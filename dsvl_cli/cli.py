@@ -232,6 +232,13 @@ DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
 DTYPE = typer.Option("auto", "--dtype", help="auto | fp32 | bf16 | fp16.")
 DEVICE_MAP = typer.Option(None, "--device-map", help="Spread over GPUs: auto|balanced|sequential.")
 MODEL_HELP = "Model folder: an export or a fused folder (default: the newest under ./outputs)."
+IMAGE_ROOT_HELP = (
+    "Folder the image paths start from (default: the data file's folder). A relative path is "
+    "looked for under it as written, then by shorter tails: ./eval/eval_data/images/cats/1.jpg as "
+    "eval/eval_data/images/cats/1.jpg, eval_data/images/cats/1.jpg, images/cats/1.jpg, "
+    "cats/1.jpg, 1.jpg; the first file found is used, so any folder on the way to the images "
+    "works. Absolute paths and file:// URIs are used as they are."
+)
 OVERFLOW = typer.Option("error", "--overflow", help="Context full: error | drop_oldest rounds.")
 BASE_LM = typer.Option(
     None, "--base-lm", help="An export's base LM folder here (replaces model.language_model)."
@@ -293,7 +300,7 @@ def eval_cmd(
     data: Path = typer.Option(..., "--data", help="Eval JSON set, or prepared JSONL."),
     out: Path | None = typer.Option(None, "--out", help="Results folder."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N tests/samples."),
-    image_root: Path | None = typer.Option(None, "--image-root", help="Images folder."),
+    image_root: Path | None = typer.Option(None, "--image-root", help=IMAGE_ROOT_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Batch for loss and answers."),
     max_new_tokens: int = MAX_NEW,
     temperature: float = TEMPERATURE,
@@ -304,18 +311,31 @@ def eval_cmd(
     device: str = DEVICE,
     dtype: str = DTYPE,
     device_map: str | None = DEVICE_MAP,
+    overflow: str = typer.Option(
+        "error",
+        "--overflow",
+        help="A round that does not fit the context: error (its test fails there) | drop_oldest "
+        "(the test's earliest rounds are forgotten).",
+    ),
     base_lm: Path | None = BASE_LM,
     base_vision: Path | None = BASE_VISION,
 ) -> None:
-    """Evaluate: the original's multi-round eval sets to CSV, or loss + accuracy on JSONL."""
+    """Evaluate: the original's multi-round eval sets to CSV, or loss + accuracy on JSONL.
+
+    A failing test (eval set) or sample (JSONL) is listed with its reason; the others still run.
+
+    Exit status: 0 all evaluated; 1 some tests or samples failed (listed in outputs and summary).
+
+    Exit status 2: bad usage or input that stops everything (nothing can run, unreadable file).
+    """
     from dsvl_cli.model.discovery import model_or_newest
 
     model = model_or_newest(model)  # before the heavy imports: no model found is instant
-    from dsvl_cli.inference.evaluate import run_eval
+    from dsvl_cli.inference.evaluate import exit_code, run_eval
 
     settings = _settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     out = out or Path("eval-results") / data.stem
-    run_eval(
+    summary = run_eval(
         model,
         data,
         out,
@@ -326,9 +346,11 @@ def eval_cmd(
         device,
         dtype,
         device_map,
+        overflow,
         base_lm=base_lm,
         base_vision=base_vision,
     )
+    raise typer.Exit(exit_code(summary))
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ from inference_helpers import make_export, steer  # noqa: E402
 
 from dsvl_cli.data.conversation import Conversation, Message, write_jsonl  # noqa: E402
 from dsvl_cli.errors import DataError  # noqa: E402
-from dsvl_cli.inference.evaluate import CSV_COLUMNS, run_eval  # noqa: E402
+from dsvl_cli.inference.eval_set import CSV_COLUMNS  # noqa: E402
+from dsvl_cli.inference.evaluate import exit_code, run_eval  # noqa: E402
 from dsvl_cli.inference.generation import GenerationSettings  # noqa: E402
 from dsvl_cli.inference.loader import LoadedModel, load_for_inference  # noqa: E402
 from dsvl_cli.inference.scoring import (  # noqa: E402
@@ -78,8 +79,11 @@ def test_eval_set_writes_csv_and_jsonl(shapes: Path, tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "set.jsonl").read_text().splitlines()]
     assert [r["image_numbers"] for r in records] == [[1], [2, 3, 4], [], [1]]
     assert [r["answer"] for r in records] == [r[3] for r in rows[1:]]
+    assert [r[4:] for r in rows[1:]] == [["ok", ""]] * 4  # status, error
     assert records[0]["generation"]["max_new_tokens"] == 6 and records[0]["error"] is None
-    assert summary["rounds"] == 4 and summary["images"] == 5 and summary["errors"] == 0
+    assert records[0]["image_files"] == [str(shapes / "images/000000.png")]
+    assert summary["rounds"] == summary["answered"] == 4 and summary["images"] == 5
+    assert summary["tests_failed"] == 0 and exit_code(summary) == 0
     # Every test is its own conversation: answers equal a fresh session per test.
     model = load_for_inference(shapes / "export", device="cpu")
     expected = []
@@ -95,7 +99,10 @@ def test_eval_set_image_root_and_limit(shapes: Path, tmp_path: Path) -> None:
     data = tmp_path / "elsewhere" / "mine.json"
     data.parent.mkdir()
     data.write_text(json.dumps(EVAL_SET), encoding="utf-8")
-    with pytest.raises(DataError, match=r"relative to .*elsewhere \(set --image-root"):
+    # Nothing under the JSON's folder: no test can run, so the set is refused before the model
+    # loads, naming the first image and every place tried.
+    tried = rf"tried {data.parent}/images/000000.png, {data.parent}/000000.png; set --image-root"
+    with pytest.raises(DataError, match=r"mine.json: no test can run \(1 more .*" + tried):
         run_eval(shapes / "export", data, tmp_path / "out", settings=SETTINGS, device="cpu")
     console = quiet()
     run_eval(
@@ -117,8 +124,8 @@ def test_eval_set_image_root_and_limit(shapes: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ({"t": [["q", "a.png", "extra"]]}, "test 't' round 1: a round must be"),
-        ({"t": []}, "test 't' must be a non-empty list"),
+        ({"t": [["q", "a.png", "extra"]]}, "test 't': round 1: a round must be"),
+        ({"t": []}, "test 't': must be a non-empty list"),
         (["not", "a", "mapping"], "expected an object mapping test name"),
     ],
 )
@@ -179,7 +186,12 @@ def test_scoring_accuracy_and_loss(loaded: LoadedModel, shapes: Path, tmp_path: 
     assert metrics["accuracy_skipped"] == {"image_missing": 1}
     predictions = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     # Batched (left-padded, 3 per batch) answers equal one-at-a-time answers, in input order.
-    assert [(p["id"], p["prediction"]) for p in predictions] == list(alone.items())
+    answered = [p for p in predictions if p["error"] is None]
+    assert [(p["id"], p["prediction"]) for p in answered] == list(alone.items())
+    # The sample with a missing image fails for loss and for accuracy: both listed, with reason.
+    failed = [(p["id"], p["stage"], p["reason"]) for p in predictions if p["error"] is not None]
+    assert failed == [("x", "loss", "image_missing"), ("x", "accuracy", "image_missing")]
+    assert metrics["failures"] == 2 and exit_code(metrics) == 1
     assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     loss = metrics["loss"]
     assert loss["skipped"] == {"image_missing": 1} and loss["samples"] == 4

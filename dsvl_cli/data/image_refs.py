@@ -12,12 +12,23 @@ so all formats accept the same references:
   is refused with reason "remote_image": dsvl prepares data offline and never downloads.
 
 ``data:`` URIs hold the image itself; sources/files.py decodes them (it needs an output folder).
+
+Finding the file (`locate_image`, what `dsvl eval` uses for eval sets and prepared JSONL): a
+relative path is tried under the root as written, then by ever shorter tails, and the first
+existing file wins. ``./eval/eval_data/images/cats/1.jpg`` under ``ROOT`` is looked for as
+``ROOT/eval/eval_data/images/cats/1.jpg``, ``ROOT/eval_data/images/cats/1.jpg``,
+``ROOT/images/cats/1.jpg``, ``ROOT/cats/1.jpg``, ``ROOT/1.jpg``. Data files write paths relative
+to wherever their authors ran their scripts; the tails let the root be any folder on the way to
+the images (the project folder, ``eval_data``, ``images``), so users point at the folder they
+have instead of rebuilding the authors' tree. The longest tail is tried first, so a file is only
+found by a shorter tail when the longer ones do not exist. Absolute paths and ``file:`` URIs
+name one place. When no place holds the file, the error lists every place tried.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -68,3 +79,40 @@ def resolve_image_ref(ref: str, root: str | Path) -> Path:
         )
     path = Path(url2pathname(parts.path))
     return path if path.is_absolute() else (Path(root) / path).absolute()
+
+
+def candidate_paths(ref: str, root: str | Path) -> list[Path]:
+    """Every place `ref` may name, in the order `locate_image` tries them.
+
+    An absolute path or a ``file:`` URI names one place; a relative path names its join with
+    `root`, then the join of each shorter tail (a tail never starts with ``..``).
+
+    Raises:
+        ImageRefError: as `resolve_image_ref` (remote URL, empty reference, ``data:`` URI).
+    """
+    literal = resolve_image_ref(ref, root)
+    if _SCHEME.match(ref) is not None or Path(ref).expanduser().is_absolute():
+        return [literal]
+    parts = PurePath(ref).parts  # "." components are already gone ("./a/b" -> ("a", "b"))
+    places = [literal]
+    for start in range(1, len(parts)):
+        if parts[start] != "..":
+            tail = (Path(root) / PurePath(*parts[start:])).absolute()
+            if tail not in places:
+                places.append(tail)
+    return places
+
+
+def locate_image(ref: str, root: str | Path) -> Path:
+    """The first of `candidate_paths(ref, root)` that is a file (see the module docstring).
+
+    Raises:
+        ImageRefError: reason "missing" when none is, naming every place tried; otherwise as
+            `resolve_image_ref`.
+    """
+    places = candidate_paths(ref, root)
+    for path in places:
+        if path.is_file():
+            return path
+    tried = ", ".join(str(p) for p in places)
+    raise ImageRefError(ref, "missing", f"no such file; tried {tried}")

@@ -12,8 +12,13 @@ collapsed, lower case, trailing punctuation removed) and compared. Broken down b
 (single / two_image / multi_round / caption for the synthetic task). Prompts are batched (sorted
 by length, left-padded) and each batch is seeded with the settings' seed.
 
-Outputs in `--out`: `metrics.json` (all numbers, settings, model, data) and `predictions.jsonl`
-(one record per scored conversation).
+A sample that cannot be scored (refused by the template, too long to answer, an image that fails
+to load) is a `SampleFailure` at stage "loss" or "accuracy", next to those found while reading
+(`dsvl_cli.inference.prepared`); the other samples are scored as usual.
+
+Outputs in `--out`: `metrics.json` (all numbers, settings, model, data, every failure) and
+`predictions.jsonl` (one record per answered conversation with `error` null, then one per
+failure with `error` set and no prediction).
 """
 
 from __future__ import annotations
@@ -32,31 +37,20 @@ from torch.utils.data import DataLoader
 
 from dsvl_cli import __version__
 from dsvl_cli.data.collate import Collator
-from dsvl_cli.data.conversation import Conversation, read_jsonl
+from dsvl_cli.data.conversation import Conversation
 from dsvl_cli.data.dataset import ConversationDataset
 from dsvl_cli.data.images import ImageLoadError, load_image
 from dsvl_cli.data.template import encode_prompt
-from dsvl_cli.errors import DataError
 from dsvl_cli.inference.generation import GenerationSettings
 from dsvl_cli.inference.loader import LoadedModel
+from dsvl_cli.inference.prepared import SampleFailure
 from dsvl_cli.log import get_logger
 
 log = get_logger(__name__)
 
+MAX_LISTED = 5  # failures printed one by one; all are in the files
 NO_TYPE = "all"  # the group of conversations without meta["type"]
 _TRAILING_PUNCTUATION = ".,;:!?。"
-
-
-def read_prepared(path: Path, limit: int | None = None) -> list[Conversation]:
-    """The first `limit` conversations of a prepared JSONL file."""
-    conversations = []
-    for conv in read_jsonl(path):
-        if limit is not None and len(conversations) >= limit:
-            break
-        conversations.append(conv)
-    if not conversations:
-        raise DataError(f"{path}: no conversations")
-    return conversations
 
 
 def normalise(text: str) -> str:
@@ -92,13 +86,13 @@ def _dataset(loaded: LoadedModel, convs: Sequence[Conversation], root: Path) -> 
 @torch.no_grad()
 def _group_loss(
     loaded: LoadedModel, convs: Sequence[Conversation], root: Path, batch_size: int
-) -> tuple[float, int, int, Counter[str]]:
-    """(loss sum, supervised tokens, samples used, skips by reason) over `convs`."""
+) -> tuple[float, int, int, list[tuple[str, str]]]:
+    """(loss sum, supervised tokens, samples used, (id, reason) of each skip) over `convs`."""
     collate = Collator(loaded.built.tokenizer.pad_token_id)
     loader = DataLoader(_dataset(loaded, convs, root), batch_size=batch_size, collate_fn=collate)
-    loss_sum, tokens, samples, skipped = 0.0, 0, 0, Counter()
+    loss_sum, tokens, samples, skipped = 0.0, 0, 0, []
     for batch in loader:
-        skipped.update(reason for _, reason in batch.skipped)
+        skipped += batch.skipped
         if batch.is_empty:
             continue
         batch = batch.to(loaded.device)
@@ -124,23 +118,35 @@ def _loss_entry(loss_sum: float, tokens: int, samples: int) -> dict[str, Any]:
     }
 
 
-def teacher_forced_loss(
+def loss_and_failures(
     loaded: LoadedModel, convs: Sequence[Conversation], root: Path, batch_size: int
-) -> dict[str, Any]:
-    """Token-weighted loss and perplexity, overall and per question type, plus skip counts."""
+) -> tuple[dict[str, Any], list[SampleFailure]]:
+    """`teacher_forced_loss`, and a failure (stage "loss") for each sample it skipped."""
     groups: dict[str, list[Conversation]] = defaultdict(list)
     for conv in convs:
         groups[qtype(conv)].append(conv)
     total = [0.0, 0, 0]
-    skipped: Counter[str] = Counter()
+    skipped: list[tuple[str, str]] = []
     by_type = {}
     for name in sorted(groups):
         loss_sum, tokens, samples, skips = _group_loss(loaded, groups[name], root, batch_size)
         by_type[name] = _loss_entry(loss_sum, tokens, samples)
         total = [total[0] + loss_sum, total[1] + tokens, total[2] + samples]
-        skipped.update(skips)
+        skipped += skips
     overall = _loss_entry(total[0], total[1], total[2])
-    return {**overall, "skipped": dict(skipped), "by_type": by_type}
+    counts = Counter(reason for _, reason in skipped)
+    failures = [
+        SampleFailure("loss", reason, f"sample {id_!r}: not scored for loss ({reason})", id_)
+        for id_, reason in skipped
+    ]
+    return {**overall, "skipped": dict(counts), "by_type": by_type}, failures
+
+
+def teacher_forced_loss(
+    loaded: LoadedModel, convs: Sequence[Conversation], root: Path, batch_size: int
+) -> dict[str, Any]:
+    """Token-weighted loss and perplexity, overall and per question type, plus skip counts."""
+    return loss_and_failures(loaded, convs, root, batch_size)[0]
 
 
 # ---------------------------------------------------------------------- accuracy
@@ -214,6 +220,7 @@ def _record(conv: Conversation, text: str, finish: str) -> dict[str, Any]:
         "prediction": text,
         "correct": normalise(text) == normalise(reference),
         "finish_reason": finish,
+        "error": None,
     }
 
 
@@ -223,19 +230,24 @@ def exact_match(
     root: Path,
     batch_size: int,
     settings: GenerationSettings,
-) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """Predictions (in input order) for conversations with a reference, and skips by reason."""
-    items, skipped = [], Counter()
+) -> tuple[list[dict[str, Any]], list[SampleFailure]]:
+    """Predictions (in input order) for conversations with a reference, and the failures."""
+    items, failed = [], []
     for index, conv in enumerate(convs):
         if not _scorable(conv):
             continue
         try:
             ids, pixels = _prompt(loaded, conv, root)
         except ImageLoadError as err:
-            skipped[f"image_{err.reason}"] += 1
+            failed.append(SampleFailure("accuracy", f"image_{err.reason}", str(err), conv.id))
             continue
-        if len(ids) + settings.max_new_tokens > loaded.max_context:
-            skipped["too_long"] += 1
+        need = len(ids) + settings.max_new_tokens
+        if need > loaded.max_context:
+            error = (
+                f"sample {conv.id!r}: prompt {len(ids)} tokens + --max-new-tokens "
+                f"{settings.max_new_tokens} > context {loaded.max_context}"
+            )
+            failed.append(SampleFailure("accuracy", "too_long", error, conv.id))
             continue
         items.append((index, ids, pixels))
     items.sort(key=lambda item: len(item[1]))  # similar lengths together: less padding
@@ -245,7 +257,7 @@ def exact_match(
         answers = generate_batch(loaded, [(ids, px) for _, ids, px in chunk], settings)
         for (index, _, _), (text, finish) in zip(chunk, answers, strict=True):
             done[index] = _record(convs[index], text, finish)
-    return [done[i] for i in sorted(done)], skipped
+    return [done[i] for i in sorted(done)], failed
 
 
 def accuracy(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -286,6 +298,18 @@ def _summary_row(name: str, loss: dict[str, Any] | None, acc: dict[str, Any] | N
     ]
 
 
+def _print_failures(failures: Sequence[dict[str, Any]], console: Console) -> None:
+    """How many samples were not scored, by reason, and the first few with their error."""
+    counts = Counter(f"{f['reason']} ({f['stage']})" for f in failures)
+    listed = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+    console.print(f"failed: {len(failures)} sample(s) not scored: {listed}", highlight=False)
+    for f in failures[:MAX_LISTED]:
+        console.print(f"  {f['error']}", highlight=False, soft_wrap=True)
+    if len(failures) > MAX_LISTED:
+        more = len(failures) - MAX_LISTED
+        console.print(f"  and {more} more (all in metrics.json and predictions.jsonl)")
+
+
 def print_summary(metrics: dict[str, Any], console: Console) -> None:
     """One row per question type and one for all: samples, loss, perplexity, accuracy."""
     table = Table(title=f"eval {Path(metrics['data']).name}")
@@ -296,12 +320,23 @@ def print_summary(metrics: dict[str, Any], console: Console) -> None:
         table.add_row(*_summary_row(name, loss["by_type"].get(name), acc["by_type"].get(name)))
     table.add_row(*_summary_row("all", loss, metrics["accuracy"]), style="bold")
     console.print(table)
-    skipped = {
-        **loss["skipped"],
-        **{f"{k} (accuracy)": v for k, v in metrics["accuracy_skipped"].items()},
-    }
-    if skipped:
-        console.print(f"skipped: {skipped}", highlight=False)
+    if metrics["failed_samples"]:
+        _print_failures(metrics["failed_samples"], console)
+
+
+def _write_outputs(
+    metrics: dict[str, Any], records: list[dict[str, Any]], out: Path
+) -> tuple[Path, Path]:
+    """metrics.json, and predictions.jsonl: the answers, then one record per failure."""
+    paths = out / "metrics.json", out / "predictions.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    paths[0].write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    with open(paths[1], "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for f in metrics["failed_samples"]:
+            fh.write(json.dumps({**f, "prediction": None, "correct": None}) + "\n")
+    return paths
 
 
 def score_prepared(
@@ -313,29 +348,35 @@ def score_prepared(
     batch_size: int,
     settings: GenerationSettings,
     console: Console,
+    failures: Sequence[SampleFailure] = (),
 ) -> dict[str, Any]:
-    """Loss, perplexity and accuracy on `convs`; writes metrics.json + predictions.jsonl."""
+    """Loss, perplexity and accuracy on `convs`; writes metrics.json + predictions.jsonl.
+
+    `failures` are the samples that failed before scoring (`read_prepared`); the ones that fail
+    here join them, and all are reported (`metrics["failures"]` counts them).
+    """
     log.info("loss over %d conversation(s)", len(convs))
-    loss = teacher_forced_loss(loaded, convs, root, batch_size)
+    loss, loss_failed = loss_and_failures(loaded, convs, root, batch_size)
     log.info("answers for the conversations with a reference")
-    records, skipped = exact_match(loaded, convs, root, batch_size, settings)
+    records, answer_failed = exact_match(loaded, convs, root, batch_size, settings)
+    failed = [*failures, *loss_failed, *answer_failed]
+    for f in failed:
+        log.warning("not scored (%s): %s", f.stage, f.error)
     metrics = {
         "model": str(loaded.folder),
         "data": str(data),
         "image_root": str(root),
+        "samples": len(convs) + sum(f.stage in ("read", "images") for f in failures),
         "conversations": len(convs),
         "dsvl_version": __version__,
         "generation": settings.to_dict(),
         "loss": loss,
         "accuracy": accuracy(records) if records else None,
-        "accuracy_skipped": dict(skipped),
+        "accuracy_skipped": dict(Counter(f.reason for f in answer_failed)),
+        "failures": len(failed),
+        "failed_samples": [f.to_dict() for f in failed],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    paths = _write_outputs(metrics, records, out)
     print_summary(metrics, console)
-    results = f"results: {out / 'metrics.json'}, {out / 'predictions.jsonl'}"
-    console.print(results, highlight=False, soft_wrap=True)
+    console.print(f"results: {paths[0]}, {paths[1]}", highlight=False, soft_wrap=True)
     return metrics

@@ -53,7 +53,11 @@ TRANSCRIPT_FORMAT = "dsvl-chat-transcript"
 
 
 class ContextOverflow(DataError):
-    """The next round does not fit in the model's context (overflow mode "error")."""
+    """The next round does not fit; `detail` without the chat advice (eval gives its own)."""
+
+    def __init__(self, detail: str, advice: str) -> None:
+        self.detail = detail
+        super().__init__(f"{detail}; {advice}")
 
 
 @dataclass(frozen=True)
@@ -312,8 +316,9 @@ class ChatSession:
                 raise ContextOverflow(
                     f"context full: {len(plan.history)} tokens of history + "
                     f"{len(plan.prompt)} for this question + {self.settings.max_new_tokens} to "
-                    f"answer > {self.max_context}; /clear, ask with fewer images, lower "
-                    "--max-new-tokens, or use overflow drop_oldest"
+                    f"answer > {self.max_context}",
+                    "/clear, ask with fewer images, lower --max-new-tokens, or use overflow "
+                    "drop_oldest",
                 )
             plan = self._without_oldest(plan)
 
