@@ -69,10 +69,30 @@ PartMode = Literal["frozen", "lora", "full"]
 
 
 class TrainableConfig(_Strict):
-    vision: PartMode = "frozen"
-    language_model: PartMode = "frozen"
-    projector: bool = True
-    embeddings: Literal["full", "new_tokens", "frozen"] = "full"
+    """What trains; each parameter follows exactly one of these fields (see model/trainable.py)."""
+
+    vision: PartMode = Field(
+        default="frozen",
+        description="frozen | lora (its LoRA weights only, settings lora.vision) | full (every "
+        "encoder weight)",
+    )
+    language_model: PartMode = Field(
+        default="frozen",
+        description="frozen | lora (its LoRA weights only, settings lora.language_model; base "
+        "weights and LM head stay frozen) | full (every LM weight, LM head included); the input "
+        "embedding table follows `embeddings` instead, whatever this is",
+    )
+    projector: bool = Field(
+        default=True,
+        description="train the projector; false keeps its initialisation, drawn from train.seed",
+    )
+    embeddings: Literal["full", "new_tokens", "frozen"] = Field(
+        default="full",
+        description="the LM's input token-embedding table, with any language_model: full (every "
+        "row) | new_tokens (only rows of tokens dsvl added, e.g. <image>) | frozen; a tied LM "
+        "head (tie_word_embeddings) is the same tensor and follows this, an untied one trains "
+        "only with language_model: full",
+    )
 
 
 class LoraSettings(_Strict):

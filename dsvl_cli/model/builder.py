@@ -25,6 +25,7 @@ from dsvl_cli.errors import CheckpointError, ConfigError
 from dsvl_cli.log import get_logger
 from dsvl_cli.model.mmca import MMCA_ATTN_NAME, register_mmca
 from dsvl_cli.model.projector import build_projector
+from dsvl_cli.model.trainable import set_trainable
 from dsvl_cli.model.vision import ImageTransform
 from dsvl_cli.model.vision_loader import load_vision_encoder
 from dsvl_cli.model.vlm import NewTokenEmbedding, VisualChatModel
@@ -123,9 +124,16 @@ def _mean_init_new_rows(model: nn.Module, old: int) -> None:
 
 
 def build_model(
-    config: Config, dtype: torch.dtype = torch.float32, ds_config: dict[str, Any] | None = None
+    config: Config,
+    dtype: torch.dtype = torch.float32,
+    ds_config: dict[str, Any] | None = None,
+    training: bool = False,
 ) -> Built:
-    """Build tokenizer, vision encoder, projector and LM, then apply the trainable policy."""
+    """Build tokenizer, vision encoder, projector and LM, then apply the trainable policy.
+
+    `training`: also enable `train.gradient_checkpointing` (when set) before the trainable set is
+    decided, so that the model comes back ready to train.
+    """
     handle = None
     if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -138,13 +146,7 @@ def build_model(
     vision, transform = load_vision_encoder(
         cfg.vision.kind, cfg.vision.path, cfg.vision.open_clip_model, dtype=dtype
     )
-    projector = build_projector(
-        cfg.projector,
-        vision_hidden=vision.hidden_size,
-        lm_hidden=lm.config.get_text_config().hidden_size,
-        vision_tokens=vision.num_tokens,
-        vision_config=vision.layer_config,
-    ).to(dtype)
+    projector = _new_projector(config, vision, lm, dtype)
     model = VisualChatModel(
         vision,
         projector,
@@ -154,8 +156,31 @@ def build_model(
         image_attends_text=cfg.mmca.image_attends_text,
         mmca_impl=cfg.mmca.impl,
     )
-    apply_trainable(model, config, base_vocab=base_vocab, num_new=len(tokenizer) - base_vocab)
+    checkpointing = training and config.train.gradient_checkpointing
+    num_new = len(tokenizer) - base_vocab
+    apply_trainable(model, config, base_vocab, num_new, gradient_checkpointing=checkpointing)
     return Built(model, tokenizer, transform, vision.image_processor, handle)
+
+
+def _new_projector(
+    config: Config, vision: nn.Module, lm: nn.Module, dtype: torch.dtype
+) -> nn.Module:
+    """The projector, initialised from `train.seed` alone.
+
+    Deterministic on purpose, like the new embedding rows: an export stores only trained
+    tensors, so a frozen projector (`trainable.projector: false`) must come back bit for bit
+    when the export is rebuilt; the global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        projector = build_projector(
+            config.model.projector,
+            vision_hidden=vision.hidden_size,
+            lm_hidden=lm.config.get_text_config().hidden_size,
+            vision_tokens=vision.num_tokens,
+            vision_config=vision.layer_config,
+        )
+    return projector.to(dtype)
 
 
 def _base_vocab(path: str) -> int:
@@ -164,20 +189,20 @@ def _base_vocab(path: str) -> int:
     return int(AutoConfig.from_pretrained(path).get_text_config().vocab_size)
 
 
-def apply_trainable(model: VisualChatModel, config: Config, base_vocab: int, num_new: int) -> None:
-    """Freeze everything, then enable what `trainable:` asks for (LoRA through PEFT)."""
-    model.requires_grad_(False)
+def apply_trainable(
+    model: VisualChatModel,
+    config: Config,
+    base_vocab: int,
+    num_new: int,
+    gradient_checkpointing: bool = False,
+) -> None:
+    """Apply the wrappers `trainable:` asks for, then decide the trainable set once.
+
+    LoRA first, so that a `NewTokenEmbedding` wraps the LM's table as the LM will use it; which
+    parameters train is then set (and checked) by `trainable.set_trainable`, never left to a
+    wrapper (PEFT's injection re-freezes every non-LoRA weight of the part it adapts).
+    """
     parts = config.trainable
-    if parts.vision == "full":
-        model.vision.requires_grad_(True)
-    if parts.language_model == "full":
-        model.language_model.requires_grad_(True)
-    model.mm_projector.requires_grad_(parts.projector)
-    embeddings = model.language_model.get_input_embeddings()
-    if parts.embeddings == "full":
-        embeddings.requires_grad_(True)
-    elif parts.embeddings == "new_tokens" and num_new > 0:
-        model.set_token_embedding(NewTokenEmbedding(embeddings, base_vocab, num_new))
     lora_parts = {
         "language_model": (parts.language_model == "lora", config.lora.language_model),
         "vision": (parts.vision == "lora", config.lora.vision),
@@ -185,10 +210,33 @@ def apply_trainable(model: VisualChatModel, config: Config, base_vocab: int, num
     for part, (enabled, settings) in lora_parts.items():
         if enabled:
             _add_lora(model, part, settings, config.model.vision.kind)
+    if parts.embeddings == "new_tokens" and num_new > 0:
+        table = model.language_model.get_input_embeddings()
+        model.set_token_embedding(NewTokenEmbedding(table, base_vocab, num_new))
+    elif parts.embeddings == "new_tokens":
+        log.warning(
+            "trainable.embeddings=new_tokens: the tokenizer added no token to the LM's "
+            "vocabulary, so no embedding row trains; set trainable.embeddings=frozen to say so"
+        )
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    set_trainable(model, config)
+
+
+def enable_gradient_checkpointing(model: VisualChatModel) -> None:
+    """Recompute the LM's and the vision encoder's blocks in backward (non-reentrant)."""
+    lm = model.language_model
+    # transformers 5.23 renamed it; the older name still works there (with a FutureWarning).
+    enable = getattr(lm, "activation_checkpointing_enable", None)
+    (enable or lm.gradient_checkpointing_enable)({"use_reentrant": False})
+    model.vision.gradient_checkpointing_enable()
 
 
 def _add_lora(model: VisualChatModel, part: str, settings: LoraSettings, vision_kind: str) -> None:
-    """Inject a PEFT LoRA adapter named after the part into that submodule, in place."""
+    """Inject a PEFT LoRA adapter named after the part into that submodule, in place.
+
+    `requires_grad` is left as PEFT sets it; `apply_trainable` decides it afterwards.
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = settings.target_modules or (
@@ -201,10 +249,14 @@ def _add_lora(model: VisualChatModel, part: str, settings: LoraSettings, vision_
         target_modules=targets,
     )
     submodule = getattr(model, part)
-    inject_adapter_in_model(lora, submodule, adapter_name=part)
-    for name, param in submodule.named_parameters():
-        if "lora_" in name:
-            param.requires_grad_(True)
+    try:
+        inject_adapter_in_model(lora, submodule, adapter_name=part)
+    except ValueError as err:  # PEFT's NoMatchingPeftModuleError is a ValueError
+        reason = str(err).split(". ")[0]
+        raise ConfigError(
+            f"lora.{part}.target_modules {targets} do not fit the {part} ({reason}); list "
+            "names of its Linear layers (e.g. q_proj, v_proj)"
+        ) from None
     count = sum(1 for name, _ in submodule.named_modules() if name.endswith("lora_A"))
     if count == 0:
         raise ConfigError(

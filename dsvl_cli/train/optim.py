@@ -13,7 +13,7 @@ projector LayerNorm, named `projection.1.weight`, under weight decay):
 
 ("yes" = `optim.weight_decay`.)
 "Pretrained" means embedding tables only, as in the original (its small lr applied to names with
-`embed`): the LM's input table when `trainable.embeddings: full` (or the whole LM trains), the
+`embed`): the LM's input table when `trainable.embeddings: full` (whatever the LM's mode), the
 new-token rows, and position-embedding tables of a vision tower trained `full`. Other weights of
 an LM or vision tower trained `full` use `lr`, like the projector; set `optim.lr` for them.
 Empty groups are dropped. Under ZeRO-3 the shapes are read from `ds_shape` (partitioned

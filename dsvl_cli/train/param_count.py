@@ -169,10 +169,17 @@ def _parts_of(model: nn.Module) -> list[PartCount]:
     return [PartCount(name, totals[name][0], totals[name][1]) for name in order]
 
 
-def _alone(name: str, module: nn.Module, mode: str, embeddings: int = 0) -> PartCount:
-    """One part counted without the rest of the model (the other folder is missing)."""
+def _alone(
+    name: str, module: nn.Module, mode: str, table: int = 0, table_trains: bool = False
+) -> PartCount:
+    """One part counted without the rest of the model (the other folder is missing).
+
+    `table`: size of the part's input embedding table, which follows `trainable.embeddings`
+    rather than `mode` (`table_trains`).
+    """
     total = sum(p.numel() for p in module.parameters())
-    trainable = {"frozen": embeddings, "full": total}.get(mode)
+    table_part = table if table_trains else 0
+    trainable = {"frozen": table_part, "full": total - table + table_part}.get(mode)
     note = "LoRA not counted without both model folders" if trainable is None else ""
     return PartCount(name, total, trainable, note)
 
@@ -199,8 +206,9 @@ def _partial(config: Config, found: ModelCount, lm: Any, encoder: Any, reasons: 
         found.parts.append(PartCount("language_model", None, None, reasons["language_model"]))
         return
     embeddings = config.trainable.embeddings
-    table = lm.get_input_embeddings().weight.numel() if embeddings == "full" else 0
-    found.parts.append(_alone("language_model", lm, config.trainable.language_model, table))
+    table = lm.get_input_embeddings().weight.numel()
+    mode = config.trainable.language_model
+    found.parts.append(_alone("language_model", lm, mode, table, embeddings == "full"))
     new_rows = (found.lm.vocab - found.lm.base_vocab) * found.lm.hidden
     if embeddings == "new_tokens" and new_rows > 0:
         found.parts.append(PartCount("token_embed", new_rows, new_rows))
