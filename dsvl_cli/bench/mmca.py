@@ -29,6 +29,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from dsvl_cli.log import get_logger, setup_logging
+from dsvl_cli.model.hf_compat import enable_activation_checkpointing
 from dsvl_cli.model.mmca import (
     IMAGE,
     MMCA_ATTN_NAME,
@@ -126,9 +127,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> PreTrainedMod
     model.requires_grad_(False)
     model.train()  # no dropout in LLaMA; training mode is what checkpointing needs
     if args.grad_ckpt:
-        # transformers >= 5.23 renamed it; the older name still works there (with a warning).
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        (enable or model.gradient_checkpointing_enable)()
+        enable_activation_checkpointing(model)
     return model
 
 

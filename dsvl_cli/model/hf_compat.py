@@ -30,3 +30,16 @@ def cache_kwargs(cache: Any) -> dict[str, Any]:
 def output_cache(output: Any) -> Any:
     """The cache an LM forward or `generate` returned, under whichever name it uses."""
     return getattr(output, CACHE_NAME, None)
+
+
+def enable_activation_checkpointing(model: Any, **kwargs: Any) -> None:
+    """Turn on activation (gradient) checkpointing of a transformers model.
+
+    transformers 5.23 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable`
+    (the old name stays with a FutureWarning); earlier releases have only the old name.
+    `kwargs` are `gradient_checkpointing_kwargs`, e.g. `{"use_reentrant": False}`.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:
+        enable = model.gradient_checkpointing_enable
+    enable(kwargs or None)

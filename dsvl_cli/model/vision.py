@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+from dsvl_cli.model.hf_compat import enable_activation_checkpointing
 from dsvl_cli.model.qwen_vit import QwenViT
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
@@ -91,7 +92,7 @@ class ClipVisionEncoder(VisionEncoder):
         return self.model(pixel_values=pixel_values).last_hidden_state
 
     def gradient_checkpointing_enable(self) -> None:
-        self.model.activation_checkpointing_enable()
+        enable_activation_checkpointing(self.model)
 
 
 class OpenClipVisionEncoder(VisionEncoder):

@@ -44,7 +44,8 @@ class TrainProgress:
 
     def __enter__(self) -> TrainProgress:
         self.began = time.monotonic()
-        self.progress.start()
+        if self.live:  # a disabled rich Progress still prints a blank line on stop (rich 13)
+            self.progress.start()
         return self
 
     def __exit__(
@@ -53,7 +54,8 @@ class TrainProgress:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        self.progress.stop()
+        if self.live:
+            self.progress.stop()
 
     def update(
         self, step: int, epoch: int, loss: float, lr: float, tokens: int, seconds: float
