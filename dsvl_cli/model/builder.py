@@ -23,6 +23,7 @@ from dsvl_cli.config import Config, LoraSettings, ModelConfig
 from dsvl_cli.data.template import IMAGE_TOKEN
 from dsvl_cli.errors import CheckpointError, ConfigError
 from dsvl_cli.log import get_logger
+from dsvl_cli.model.hf_compat import enable_activation_checkpointing
 from dsvl_cli.model.mmca import MMCA_ATTN_NAME, register_mmca
 from dsvl_cli.model.projector import build_projector
 from dsvl_cli.model.trainable import set_trainable
@@ -225,10 +226,7 @@ def apply_trainable(
 
 def enable_gradient_checkpointing(model: VisualChatModel) -> None:
     """Recompute the LM's and the vision encoder's blocks in backward (non-reentrant)."""
-    lm = model.language_model
-    # transformers 5.23 renamed it; the older name still works there (with a FutureWarning).
-    enable = getattr(lm, "activation_checkpointing_enable", None)
-    (enable or lm.gradient_checkpointing_enable)({"use_reentrant": False})
+    enable_activation_checkpointing(model.language_model, use_reentrant=False)
     model.vision.gradient_checkpointing_enable()
 
 

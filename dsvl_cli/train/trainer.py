@@ -99,12 +99,10 @@ class Trainer:
         self.config, self.world, self.device = config, dist.world_size(), dist.device()
         self.precision = config.distributed.precision
         ds_config = deepspeed_config(config, self.world)
-        self.built = build_model(config, dtype=B.DTYPES[self.precision], ds_config=ds_config)
+        dtype = B.DTYPES[self.precision]
+        self.built = build_model(config, dtype=dtype, ds_config=ds_config, training=True)
         model = self.built.model
         model.run_vision_without_images = self.world > 1
-        if config.train.gradient_checkpointing:
-            model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
-            model.vision.gradient_checkpointing_enable()
         self.blend = load_blend(config.data, config.model.max_images_per_sample)
         self.collator = Collator(self.built.tokenizer.pad_token_id)
         self.output_dir = Path(config.train.output_dir)
