@@ -32,6 +32,7 @@ from dsvl_cli.data.dataset import SkipCounter, set_epoch
 from dsvl_cli.errors import DataError
 from dsvl_cli.log import console, get_logger
 from dsvl_cli.model.builder import build_model
+from dsvl_cli.model.trainable import check_trainable
 from dsvl_cli.train import batches as B
 from dsvl_cli.train.checkpoint import TrainState, find_resume, load_checkpoint, save_checkpoint
 from dsvl_cli.train.engine import (
@@ -136,6 +137,7 @@ class Trainer:
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
+        check_trainable(engine.module, config)  # the engine must not have changed what trains
         return engine
 
     # ------------------------------------------------------------------ state
