@@ -235,6 +235,7 @@ def test_earlier_export_layout_still_loads(shapes: Path, tmp_path: Path) -> None
     """Vision adapter keys under dsvl's wrapper (`model.`), as exports used to write them."""
     old = tmp_path / "old export"
     shutil.copytree(shapes / "export", old)
+    (old / "manifest.json").unlink()  # earlier exports had none
     file = old / "adapters/vision/adapter_model.safetensors"
     tensors = load_file(file)
     wrapped = {k.replace(PEFT_PREFIX, PEFT_PREFIX + "model.", 1): v for k, v in tensors.items()}

@@ -13,6 +13,7 @@ base weights:
     adapters/vision/            PEFT LoRA adapter of the vision encoder, keyed like the plain
                                 encoder module (HF CLIPVisionModel for clip), base path = encoder
     tokenizer files, image processor (preprocessor_config.json) when the encoder has one
+    manifest.json               every other file's size (and sha256 up to 64 MiB), written last
 
 Both adapters load with plain PEFT onto plain transformers models, e.g.
 `peft.AutoPeftModelForCausalLM.from_pretrained(export / "adapters/language_model")`; they carry
@@ -23,6 +24,12 @@ an export are absolute, so it loads from any working directory; on another machi
 `open_model_folder(..., base_lm=..., base_vision=...)` (CLI `--base-lm`, `--base-vision`) points
 them at the local copies. Exports from earlier versions (base paths relative to the training
 directory, vision adapter keys under dsvl's encoder wrapper) still load.
+
+A folder is loaded only when its manifest checks out (`model/manifest.py`): a folder that a kill
+left without its weights is refused with one line naming the first missing file, instead of
+loading base weights silently. Folders from before manifests load with a warning if their
+config.yaml, meta.json and model.safetensors are there. Writers publish folders through
+`dsvl_cli.atomic` (written aside, fsynced, swapped in), so a complete copy always exists.
 
 Why not one PEFT adapter with `modules_to_save`: PEFT keeps a second copy of every module to
 save, which would duplicate the whole embedding table.
@@ -46,6 +53,13 @@ from dsvl_cli.config import Config, load_config, save_config
 from dsvl_cli.errors import CheckpointError, ConfigError
 from dsvl_cli.log import get_logger
 from dsvl_cli.model.builder import Built, build_model
+from dsvl_cli.model.manifest import (
+    MODEL_FOLDER_FILES,
+    has_manifest,
+    require_complete,
+    spare_copy,
+    write_manifest,
+)
 from dsvl_cli.model.vlm import VisualChatModel
 
 log = get_logger(__name__)
@@ -61,6 +75,11 @@ ADAPTERS_DIR = "adapters"
 ADAPTER_FILE = "adapter_model.safetensors"
 BASE_LM_OPTION = "--base-lm"
 BASE_VISION_OPTION = "--base-vision"
+INCOMPLETE_FIX = (
+    "it was interrupted while being written: use another export of the run (final/, best/, "
+    "epoch-K/), resume the run (train.resume=auto) to export it again, or run dsvl fuse-lora "
+    "again for a fused folder"
+)
 
 
 def absolute(path: str | Path) -> str:
@@ -148,7 +167,9 @@ def write_export_folder(
     """Write an export of `model`'s trained tensors `state` into the empty `folder`.
 
     `built` gives the tokenizer and image processor. Base paths are stored absolute (resolved
-    against the current directory, the one the recipe's relative paths were read from).
+    against the current directory, the one the recipe's relative paths were read from). The
+    manifest comes last; the caller has refused non-finite `state` (`model/finite.py`) and
+    publishes `folder` (`dsvl_cli.atomic.replace_dir`).
     """
     config = with_absolute_bases(config)
     plain, adapters = split_trained_state(model, state)
@@ -168,6 +189,7 @@ def write_export_folder(
         "vision": config.model.vision.path,
     }
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_manifest(folder, editable=(CONFIG_FILE,))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -208,9 +230,7 @@ class ModelFolder:
     def load(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Built:
         """Rebuild the model, trained weights and adapters loaded, frozen, in eval mode."""
         built = build_model(self.config, dtype=dtype)
-        weights = self.path / WEIGHTS_FILE
-        if weights.is_file():
-            load_trained_weights(built.model, weights)
+        load_trained_weights(built.model, self.path / WEIGHTS_FILE)
         load_adapters(built.model, self.path)
         built.model.requires_grad_(False)
         built.model.to(device).eval()
@@ -230,6 +250,7 @@ def open_model_folder(
     field and the override), ConfigError for an override given with a fused folder.
     """
     path = Path(absolute(folder))
+    check_complete(path)
     meta = read_meta(path)
     config = load_config(path / CONFIG_FILE)
     if meta.get("format") == FUSED_FORMAT:
@@ -242,6 +263,13 @@ def open_model_folder(
     config = _override_bases(config, base_lm, base_vision)
     _check_bases(config, path / CONFIG_FILE)
     return ModelFolder(path, meta, config)
+
+
+def check_complete(path: Path) -> None:
+    """CheckpointError for a model folder that is missing files it was written with."""
+    if not has_manifest(path) and spare_copy(path, MODEL_FOLDER_FILES) is None:
+        read_meta(path)  # not a model folder at all: say that rather than name a missing file
+    require_complete(path, MODEL_FOLDER_FILES, INCOMPLETE_FIX)
 
 
 def _resolve_fused(config: Config, folder: Path) -> Config:
@@ -323,9 +351,15 @@ def load_adapters(model: VisualChatModel, folder: Path) -> None:
 
     for part in LORA_PARTS:
         file = folder / ADAPTERS_DIR / part / ADAPTER_FILE
+        has_lora = hasattr(getattr(model, part), "peft_config")
         if not file.is_file():
+            if has_lora:  # the LoRA layers would keep their initial (no-op) weights silently
+                raise CheckpointError(
+                    f"{file} is missing but config.yaml trains the {part} with LoRA; "
+                    f"{INCOMPLETE_FIX}"
+                )
             continue
-        if not hasattr(getattr(model, part), "peft_config"):
+        if not has_lora:
             raise CheckpointError(
                 f"{file} exists but config.yaml does not train the {part} with LoRA "
                 f"(trainable.{part}); was config.yaml edited after export?"

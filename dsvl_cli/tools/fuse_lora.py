@@ -15,11 +15,13 @@ into the LM's table, and writes:
     config.yaml             model paths relative to the folder (it loads from anywhere, copied
                             anywhere), every part frozen (no LoRA on load)
     meta.json               {"format": "dsvl-fused", provenance, max logit difference}
+    manifest.json           every other file's size (and small files' sha256), written last
 
 The folder loads with `load_model_folder` like any export, and its LM loads with plain
 `transformers.AutoModelForCausalLM`. Logits of a fixed random probe (text ids around a run of
 image tokens, random pixels) are compared before and after merging, and again after reloading
-the written folder; the folder is published (temp dir renamed) only when both are within tolerance.
+the written folder; the folder is published (temp dir swapped in, `dsvl_cli.atomic`) only when
+both are within tolerance. A model with a NaN or Inf weight is refused before anything is written.
 
 Default tolerance on the max abs logit difference: `REL_TOLERANCE[dtype] * max(1, max |logit|)`,
 i.e. fp32 1e-4, fp16 1e-2, bf16 4e-2 relative to the probe's largest logit. Half precision rounds
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +42,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dsvl_cli import __version__
+from dsvl_cli.atomic import fresh_tmp, replace_dir
 from dsvl_cli.config import Config, TrainableConfig, save_config
 from dsvl_cli.errors import CheckpointError
 from dsvl_cli.log import get_logger
 from dsvl_cli.model.builder import Built
+from dsvl_cli.model.finite import refuse_nonfinite
 from dsvl_cli.model.folder import (
     EXPORT_FORMAT,
     FUSED_FORMAT,
@@ -53,6 +56,7 @@ from dsvl_cli.model.folder import (
     load_model_folder,
     open_model_folder,
 )
+from dsvl_cli.model.manifest import write_manifest
 from dsvl_cli.model.vision_loader import save_qwen_vit_folder
 from dsvl_cli.model.vlm import VisualChatModel
 
@@ -104,6 +108,8 @@ def fuse_lora(
     config = source.config
     dtype = dtype or weights_dtype(config.model.language_model)
     built = source.load(dtype=dtype)
+    # Before the probe: a non-finite weight would otherwise surface as "logits differ by nan".
+    refuse_nonfinite(built.model.named_parameters(), out)
     inputs = probe_inputs(built.model)
     reference = probe_logits(built.model, inputs)
     merged_parts = merge_lora(built.model)
@@ -281,11 +287,13 @@ def fused_config(config: Config, vision_paths: dict[str, str]) -> Config:
 def write_fused_folder(
     built: Built, config: Config, out: Path, meta: dict[str, Any], max_shard_size: str
 ) -> Path:
-    """Write the merged model to a temp folder beside `out`; returns the temp folder."""
+    """Write the merged model to a temp folder beside `out`; returns the temp folder.
+
+    Raises CheckpointError, writing nothing, when a weight is NaN or Inf.
+    """
     model = built.model
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    refuse_nonfinite(model.named_parameters(), out)
+    tmp = fresh_tmp(out)
     model.language_model.save_pretrained(tmp / LM_DIR, max_shard_size=max_shard_size)
     built.tokenizer.save_pretrained(tmp / LM_DIR)
     vision_paths = save_vision(model, config, tmp / VISION_DIR, max_shard_size)
@@ -297,6 +305,7 @@ def write_fused_folder(
     save_config(fused_config(config, vision_paths), tmp / "config.yaml")
     full_meta = {"format": FUSED_FORMAT, "dsvl_version": __version__, **meta}
     (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
+    write_manifest(tmp, editable=("config.yaml",))
     return tmp
 
 
@@ -367,7 +376,7 @@ def publish_verified(
     tol: float,
     dtype: torch.dtype,
 ) -> tuple[float, tuple[str, ...]]:
-    """Reload `tmp` with `load_model_folder`, compare its logits, then rename it to `out`."""
+    """Reload `tmp` with `load_model_folder`, compare its logits, then swap it in as `out`."""
     try:
         reloaded = load_model_folder(tmp, dtype=dtype)
         diff = compare_logits(expected, probe_logits(reloaded.model, inputs), tol, "reloaded")
@@ -376,8 +385,7 @@ def publish_verified(
         raise
     del reloaded
     files = _relative_files(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     log.info("wrote standalone model folder %s (%d files)", out, len(files))
     return diff, files
 

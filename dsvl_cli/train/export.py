@@ -1,21 +1,24 @@
 """Writing model exports (`epoch-K/`, `best/`, `final/`) from a training run.
 
 The folder format and its reader live in `dsvl_cli.model.folder`; this module adds what training
-needs around it: under ZeRO-3 the trainable parameters are gathered on every rank, rank 0 writes
-the folder beside its final place and renames it there (a crash never leaves half an export).
+needs around it: under ZeRO-3 the trainable parameters are gathered on every rank; every rank
+refuses non-finite weights (so all fail together); rank 0 writes the folder beside its final
+place and swaps it in (`dsvl_cli.atomic`: a kill at any moment leaves a complete copy, and
+`checkpoint.repair_exports` restores it on resume).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dsvl_cli.atomic import fresh_tmp, replace_dir
 from dsvl_cli.config import Config
 from dsvl_cli.model.builder import Built
+from dsvl_cli.model.finite import refuse_nonfinite
 from dsvl_cli.model.folder import write_export_folder
 from dsvl_cli.model.vlm import VisualChatModel
 
@@ -43,15 +46,14 @@ def export_model(
 
     `model` is the trained module (the engine's under DeepSpeed, sharing `built.model`'s
     structure); base paths in `config` that are relative are read against the current directory.
-    Returns `out` on rank 0, None elsewhere.
+    Returns `out` on rank 0, None elsewhere. Raises CheckpointError (on every rank, before any
+    file is written) when a tensor is NaN or Inf.
     """
     state = gathered_trainable_state(model)
+    refuse_nonfinite(state.items(), out)
     if not _is_main():
         return None
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp(out)
     write_export_folder(tmp, model, built, config, state, meta)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return out

@@ -10,7 +10,9 @@ except:
 * `train.resume: <checkpoints/step-N>` (an explicit checkpoint) continues from it; at the run's
   last step nothing is retrained.
 
-An interrupted run (no `final/`) is resumed by `train.resume: auto` as before.
+An interrupted run (no `final/`) is resumed by `train.resume: auto` as before. An export a kill
+interrupted while it was being replaced (`.NAME.tmp` / `.NAME.old` left, see `dsvl_cli.atomic`) is
+put back by `restore_exports`, which the trainer runs (through `checkpoint.repair_exports`).
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ import re
 import shutil
 from pathlib import Path
 
+from dsvl_cli.atomic import recover_dir
 from dsvl_cli.config import TrainConfig
 from dsvl_cli.errors import ConfigError
 from dsvl_cli.log import get_logger
+from dsvl_cli.model.manifest import MODEL_FOLDER_FILES, folder_problem
 
 log = get_logger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FINISHED_MARK = Path("final") / "meta.json"
-# What a training run writes into output_dir (tmp exports are `.<name>.tmp`).
-_RUN_FOLDERS = re.compile(r"^\.?(checkpoints|best|final|tensorboard|epoch-\d+)(\.tmp)?$")
+# What a training run writes into output_dir (exports being replaced: `.<name>.tmp` / `.old`).
+_RUN_FOLDERS = re.compile(r"^\.?(checkpoints|best|final|tensorboard|epoch-\d+)(\.tmp|\.old)?$")
+_EXPORT_NAMES = re.compile(r"^\.?(best|final|epoch-\d+)(\.tmp|\.old)?$")
 _RUN_FILES = ("metrics.jsonl", "blend.json", "config.yaml")
 
 
@@ -91,6 +96,31 @@ def clear_run(output_dir: Path) -> list[str]:
             continue
         removed.append(path.name)
     return removed
+
+
+def export_complete(folder: Path) -> bool:
+    """True when the export's manifest checks out (without one: its three core files exist)."""
+    return folder_problem(folder, MODEL_FOLDER_FILES) is None
+
+
+def restore_exports(output_dir: str | Path) -> list[str]:
+    """Put back exports a kill left half-replaced; returns the names still missing or incomplete.
+
+    Every export with a leftover (`best`, `final`, `epoch-K`) is checked: a complete `NAME` loses
+    the leftovers; otherwise a complete `.NAME.tmp`, else `.NAME.old`, becomes `NAME`. Main
+    process only (it renames and deletes), before the run writes any export.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    names = {m.group(1) for p in out.iterdir() if p.is_dir() and (m := _EXPORT_NAMES.match(p.name))}
+    broken = []
+    for name in sorted(names):
+        if done := recover_dir(out / name, export_complete):
+            log.warning("%s (a kill interrupted the export)", done)
+        if not export_complete(out / name):
+            broken.append(name)
+    return broken
 
 
 def refuse_finished_run(train: TrainConfig) -> None:
