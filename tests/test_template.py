@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from dsvl_cli.data.conversation import Conversation, Message
+from dsvl_cli.data.encoder import render_supervision
 from dsvl_cli.data.template import (
     IGNORE_INDEX,
     Encoded,
@@ -26,7 +27,6 @@ from dsvl_cli.data.template import (
     encode_conversation,
     encode_prompt,
     question_text,
-    render_supervision,
     render_text,
 )
 from dsvl_cli.errors import ConfigError, DataError

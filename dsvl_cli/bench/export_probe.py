@@ -27,6 +27,7 @@ from dsvl_cli.config import load_config
 from dsvl_cli.data.collate import Batch, Collator
 from dsvl_cli.data.conversation import read_jsonl
 from dsvl_cli.data.dataset import ConversationDataset
+from dsvl_cli.data.encoder import SampleEncoder
 from dsvl_cli.inference.loader import resolve_device, resolve_dtype
 from dsvl_cli.log import get_logger, setup_logging
 from dsvl_cli.model.builder import Built
@@ -48,21 +49,8 @@ def load_export(folder: Path, dtype: torch.dtype, device: torch.device) -> Built
 
 def eval_loader(folder: Path, built: Built, eval_jsonl: Path, batch_size: int) -> DataLoader:
     """Batches of `eval_jsonl` (images relative to its folder) under the export's config limits."""
-    cfg = load_config(folder / CONFIG_FILE)
-    model = built.model
-    dataset = ConversationDataset(
-        list(read_jsonl(eval_jsonl)),
-        eval_jsonl.parent,
-        tokenizer=built.tokenizer,
-        image_token_id=model.image_token_id,
-        tokens_per_image=model.tokens_per_image,
-        image_transform=built.image_transform,
-        image_size=model.vision.image_size,
-        max_seq_len=cfg.model.max_seq_len,
-        overlength=cfg.data.overlength,
-        max_images=cfg.model.max_images_per_sample,
-        max_round_tokens=cfg.data.max_round_tokens,
-    )
+    encoder = SampleEncoder.from_built(built, load_config(folder / CONFIG_FILE))
+    dataset = ConversationDataset(list(read_jsonl(eval_jsonl)), eval_jsonl.parent, encoder)
     collate = Collator(built.tokenizer.pad_token_id)
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
 

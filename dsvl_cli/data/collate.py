@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from dsvl_cli.data.dataset import Sample, SkippedSample
+from dsvl_cli.data.encoder import Sample, SkippedSample
 from dsvl_cli.data.template import IGNORE_INDEX
 
 

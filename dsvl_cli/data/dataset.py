@@ -1,15 +1,16 @@
 """The training Dataset over prepared conversations, its DataLoader, and skip accounting.
 
-`ConversationDataset` holds conversations and settings only: constructing it reads no file and
-tokenises nothing. `__getitem__` encodes one conversation with the DSVL template and loads and
-transforms only the images of the rounds it kept. It never raises on bad data: a sample the
-template refuses, or one whose image fails to load, comes back as `SkippedSample(id, reason)`,
-so a DataLoader worker never dies on one bad file. The collator drops these markers into
+`ConversationDataset` holds conversations and the model's `SampleEncoder` only: constructing it
+reads no file and tokenises nothing. `__getitem__` is `SampleEncoder.sample`: it encodes one
+conversation with the DSVL template and loads and transforms only the images of the rounds it
+kept. It never raises on bad data: a sample the template refuses, or one whose image fails to
+load, comes back as `SkippedSample(id, reason)`, so a DataLoader worker never dies on one bad
+file. The collator drops these markers into
 `Batch.skipped`, and the trainer feeds every batch to a `SkipCounter` in the main process, which
 raises once failures exceed `data.max_failure_fraction`.
 
 Reasons: the template's ("empty", "invalid", "too_many_images", "too_long") and, for images,
-"image_" + the `images.py` reason ("image_missing", "image_truncated", ...).
+"image_" + the `images.py` or `image_refs.py` reason ("image_missing", "image_truncated", ...).
 
 Loading: `make_loader` builds a DataLoader over a `DistributedSampler` (also for one process)
 wrapped in `SkipFirst`. Call `set_epoch(loader, epoch)` before every epoch: the order then changes
@@ -19,69 +20,30 @@ K of that epoch's order, and the skipped indices are never handed to a worker, s
 are not decoded. The sampler runs in the main process, so this also works with persistent workers.
 
 Per-epoch use with a blend whose groups change every epoch (blend.py): workers hold their copy of
-the dataset, so each epoch builds `ConversationDataset(split.conversations, split.base_dirs, ...)`
-and a new loader from `blend.train_split(epoch)`, then calls `set_epoch` on it. The fixed eval
-dataset keeps one loader, whose persistent workers survive between evaluations.
+the dataset, so each epoch builds `ConversationDataset(split.conversations, split.base_dirs,
+encoder)` and a new loader from `blend.train_split(epoch)`, then calls `set_epoch` on it. The
+fixed eval dataset keeps one loader, whose persistent workers survive between evaluations.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from dsvl_cli.data.conversation import Conversation
-from dsvl_cli.data.images import ImageLoadError, load_image
-from dsvl_cli.data.template import Overlength, Skip, encode_conversation
+from dsvl_cli.data.encoder import Sample, SampleEncoder, SkippedSample
 from dsvl_cli.errors import DataError
-from dsvl_cli.log import get_logger
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
     from dsvl_cli.data.collate import Batch
 
-log = get_logger(__name__)
-
-ImageTransform = Callable[[Image.Image], Tensor]
 MAX_EXAMPLE_IDS = 5  # sample ids kept per skip reason, for error messages
-
-
-@dataclass
-class Sample:
-    """One encoded training sample.
-
-    Attributes:
-        input_ids: [L] token ids (long), image runs included.
-        labels: [L] targets (long), -100 where not supervised.
-        pixel_values: [num_images, 3, H, W] float, in placeholder order ([0, 3, H, W] if none).
-        num_images: images kept (after `truncate_rounds`, the kept rounds' images only).
-        id: the conversation id.
-    """
-
-    input_ids: Tensor
-    labels: Tensor
-    pixel_values: Tensor
-    num_images: int
-    id: str
-
-
-@dataclass(frozen=True)
-class SkippedSample:
-    """A sample that could not be used: `reason` for counting, `detail` for humans."""
-
-    id: str
-    reason: str
-    detail: str = ""
 
 
 class ConversationDataset(Dataset):
@@ -91,29 +53,22 @@ class ConversationDataset(Dataset):
         conversations: the samples (e.g. `Split.conversations` from blend.py).
         base_dirs: the folder relative image paths start from, one per conversation, or one
             folder for all.
-        tokenizer: the LM's tokenizer, with `<image>` added.
-        image_token_id: id of `<image>`.
-        tokens_per_image: image tokens per image (the encoder/projector's count).
-        image_transform: picklable callable, PIL RGB image -> float tensor [3, H, W].
-        image_size: (H, W) the transform produces (an int means square); shapes the empty
-            `pixel_values` of text-only samples and is checked on every image.
-        max_seq_len, overlength, max_images, max_round_tokens: the template's limits.
+        encoder: the model's `SampleEncoder` (tokenizer, image tokens, limits, transform).
+        **encoder_settings: without `encoder`, the `SampleEncoder` fields to build one from
+            (tokenizer, image_token_id, tokens_per_image, image_transform, image_size,
+            max_seq_len, overlength, max_images, max_round_tokens).
+
+    Raises:
+        ValueError: `base_dirs` does not match `conversations`; TypeError: both `encoder` and
+            `encoder_settings`.
     """
 
     def __init__(
         self,
         conversations: Sequence[Conversation],
         base_dirs: Sequence[Path] | Path | str,
-        *,
-        tokenizer: PreTrainedTokenizerBase,
-        image_token_id: int,
-        tokens_per_image: int,
-        image_transform: ImageTransform,
-        image_size: int | tuple[int, int],
-        max_seq_len: int | None,
-        overlength: Overlength = "drop",
-        max_images: int | None = None,
-        max_round_tokens: int | None = None,
+        encoder: SampleEncoder | None = None,
+        **encoder_settings: Any,
     ) -> None:
         self.conversations = conversations
         if isinstance(base_dirs, (str, Path)):
@@ -123,63 +78,15 @@ class ConversationDataset(Dataset):
                 f"base_dirs has {len(base_dirs)} entries for {len(conversations)} conversations"
             )
         self.base_dirs = base_dirs
-        self.tokenizer = tokenizer
-        self.image_token_id = image_token_id
-        self.tokens_per_image = tokens_per_image
-        self.image_transform = image_transform
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        self.image_shape = (3, *size)
-        self.max_seq_len = max_seq_len
-        self.overlength = overlength
-        self.max_images = max_images
-        self.max_round_tokens = max_round_tokens
+        if encoder is not None and encoder_settings:
+            raise TypeError("pass either a SampleEncoder or its settings, not both")
+        self.encoder = encoder or SampleEncoder(**encoder_settings)
 
     def __len__(self) -> int:
         return len(self.conversations)
 
-    def _pixels(self, paths: list[str], base_dir: Path) -> Tensor:
-        """Load and transform images in order; ImageLoadError propagates."""
-        if not paths:
-            return torch.zeros(0, *self.image_shape)
-        tensors = []
-        for path in paths:
-            image = load_image(path if os.path.isabs(path) else base_dir / path)
-            tensor = self.image_transform(image)
-            if tuple(tensor.shape) != self.image_shape:
-                # A wiring error (transform vs image_size), not bad data: fail loudly.
-                raise ValueError(
-                    f"image_transform gave shape {tuple(tensor.shape)}, expected "
-                    f"{self.image_shape} (image_size passed to ConversationDataset)"
-                )
-            tensors.append(tensor)
-        return torch.stack(tensors)
-
     def __getitem__(self, index: int) -> Sample | SkippedSample:
-        conv = self.conversations[index]
-        encoded = encode_conversation(
-            conv,
-            self.tokenizer,
-            self.image_token_id,
-            self.tokens_per_image,
-            self.max_seq_len,
-            overlength=self.overlength,
-            max_images=self.max_images,
-            max_round_tokens=self.max_round_tokens,
-        )
-        if isinstance(encoded, Skip):
-            return SkippedSample(conv.id, encoded.reason, encoded.detail)
-        try:
-            pixels = self._pixels(conv.images[: encoded.num_images], Path(self.base_dirs[index]))
-        except ImageLoadError as err:
-            log.debug("sample %r skipped: %s", conv.id, err)
-            return SkippedSample(conv.id, f"image_{err.reason}", str(err))
-        return Sample(
-            input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),
-            labels=torch.tensor(encoded.labels, dtype=torch.long),
-            pixel_values=pixels,
-            num_images=encoded.num_images,
-            id=conv.id,
-        )
+        return self.encoder.sample(self.conversations[index], Path(self.base_dirs[index]))
 
 
 class SkipCounter:

@@ -32,6 +32,7 @@ from pathlib import Path, PurePath
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+from dsvl_cli.data.images import ImageLoadError, load_image
 from dsvl_cli.errors import DataError
 
 # A URL scheme as RFC 3986 spells it, at least two letters so that a Windows drive ("C:") is not.
@@ -116,3 +117,25 @@ def locate_image(ref: str, root: str | Path) -> Path:
             return path
     tried = ", ".join(str(p) for p in places)
     raise ImageRefError(ref, "missing", f"no such file; tried {tried}")
+
+
+def image_failure(err: ImageLoadError | ImageRefError) -> str:
+    """The drop reason of an image that failed: "image_" + the loader's or resolver's reason."""
+    return err.reason if "image" in err.reason else f"image_{err.reason}"
+
+
+def find_image(ref: str, root: str | Path) -> tuple[Path | None, str | None, str | None]:
+    """(file, failure reason, error): `locate_image`, then one full decode (`load_image`).
+
+    Never raises on bad data: the reason is `image_failure`'s and the error the message; the
+    file is None when no place holds it, and the reason and error are None when it loads.
+    """
+    try:
+        path = locate_image(ref, root)
+    except ImageRefError as err:
+        return None, image_failure(err), str(err)
+    try:
+        load_image(path)
+    except ImageLoadError as err:
+        return path, image_failure(err), str(err)
+    return path, None, None

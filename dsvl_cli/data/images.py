@@ -1,8 +1,9 @@
 """Image files -> RGB PIL images, with every failure named by a machine-readable reason.
 
-`load_image` is what training, eval and chat call; `check_image` is what `prepare-data` calls once
-per image. Both fully decode the file (`Image.load()`), so a truncated JPEG fails here, at a known
-path, and not later inside a vision encoder.
+`load_image` is what training, eval and chat call (through `encoder.SampleEncoder.pixels` and
+`image_refs.find_image`); `check_image` is what `prepare-data` calls once per image. Both fully
+decode the file (`Image.load()`), so a truncated JPEG fails here, at a known path, and not later
+inside a vision encoder.
 
 Normalisation to RGB: EXIF orientation is applied first; transparency (RGBA, LA, PA, palette with
 a transparent colour) is composited on white; 16-bit and 32-bit greyscale ("I;16*", "I") is scaled

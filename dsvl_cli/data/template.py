@@ -39,7 +39,8 @@ Rules (the original's Prompter, generalised):
 `encode_conversation` returns `Encoded` (plain ``list[int]``: cheap to pickle between DataLoader
 workers; the collator builds the padded tensors once per batch) or `Skip`, a value with a
 machine-readable reason for the drop report. Modality ids are not produced here: the model derives
-them from the image token id.
+them from the image token id. Callers reach these functions through `encoder.SampleEncoder`, which
+holds the tokenizer, the image-token settings and the limits of one model.
 """
 
 from __future__ import annotations
@@ -49,8 +50,6 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, Literal, get_args
-
-import numpy as np
 
 from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, unescape_typed
 from dsvl_cli.errors import ConfigError, DataError
@@ -200,8 +199,8 @@ def render_text(
     return "".join(parts)
 
 
-def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """One batched call; special-token strings inside texts are split, not matched."""
+def tokenize_segments(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Ids of each text as its own segment, in one batched call (specials split, not matched)."""
     if not texts:
         return []
     encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
@@ -222,7 +221,7 @@ def _encode_rounds(
     bos, _ = _special_ids(tokenizer)
     texts = [s for r in rounds for s in r.segments]
     texts += [r.answer for r in rounds if r.answer is not None]
-    pieces = iter(_tokenize(tokenizer, texts))
+    pieces = iter(tokenize_segments(tokenizer, texts))
     image_run = [image.token_id] * image.count
     prompts = []
     for rnd in rounds:
@@ -349,57 +348,6 @@ def encode_prompt(
     for r in _encode_rounds(_layout(conv, first_image_index, include_system), tokenizer, image):
         ids += r.prompt if r.answer is None else r.prompt + r.answer + [eos]
     return ids
-
-
-def supervision_pieces(
-    encoded: Encoded, tokenizer: PreTrainedTokenizerBase, image_token_id: int
-) -> list[tuple[str, bool]]:
-    """Decoded runs of `encoded` with a flag "supervised"; each image run shows as one `<image>`.
-
-    Joined, the texts equal `render_text` of the kept rounds for a byte-level tokenizer.
-    """
-    ids = np.asarray(encoded.input_ids, dtype=np.int64)
-    supervised = np.asarray(encoded.labels, dtype=np.int64) != IGNORE_INDEX
-    is_image = ids == image_token_id
-    key = supervised.astype(np.int8) * 2 + is_image.astype(np.int8)
-    starts = np.flatnonzero(np.diff(key, prepend=np.int8(-1)))
-    ends = np.append(starts[1:], len(ids))
-    pieces = []
-    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-        run = encoded.input_ids[start:end]
-        text = IMAGE_TOKEN if is_image[start] else tokenizer.decode(run, skip_special_tokens=False)
-        pieces.append((text, bool(supervised[start])))
-    return pieces
-
-
-def render_supervision(
-    conv: Conversation,
-    tokenizer: PreTrainedTokenizerBase,
-    image_token_id: int,
-    tokens_per_image: int,
-    max_seq_len: int | None = None,
-    overlength: Overlength = "drop",
-    max_images: int | None = None,
-    max_round_tokens: int | None = None,
-) -> list[tuple[str, bool]] | Skip:
-    """Encode like `encode_conversation` and return its text pieces flagged "supervised".
-
-    For `--show`: what the model reads and which tokens it is trained on. A skipped sample returns
-    its `Skip`.
-    """
-    encoded = encode_conversation(
-        conv,
-        tokenizer,
-        image_token_id,
-        tokens_per_image,
-        max_seq_len,
-        overlength=overlength,
-        max_images=max_images,
-        max_round_tokens=max_round_tokens,
-    )
-    if isinstance(encoded, Skip):
-        return encoded
-    return supervision_pieces(encoded, tokenizer, image_token_id)
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> int:

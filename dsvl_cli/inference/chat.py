@@ -27,6 +27,7 @@ from typing import TextIO
 from rich.console import Console
 from rich.markup import escape
 
+from dsvl_cli.data.image_refs import resolve_image_ref
 from dsvl_cli.data.images import load_image
 from dsvl_cli.errors import DsvlError
 from dsvl_cli.inference.generation import GenerationSettings
@@ -99,9 +100,9 @@ class ChatRepl:
 
     def attach(self, paths: Sequence[str | Path]) -> bool:
         """Check images, queue them (absolute paths) for the next question; False if one is bad."""
-        files = [str(Path(p).expanduser().absolute()) for p in paths]
         try:
-            self.session.check_images(len(self.pending) + len(files))
+            self.session.check_images(len(self.pending) + len(paths))
+            files = [str(resolve_image_ref(str(p), Path.cwd())) for p in paths]
             for file in files:
                 load_image(file)
         except DsvlError as err:

@@ -42,8 +42,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from dsvl_cli.data.image_refs import ImageRefError, locate_image
-from dsvl_cli.data.images import ImageLoadError, load_image
+from dsvl_cli.data.image_refs import find_image
 from dsvl_cli.data.json_files import read_json
 from dsvl_cli.errors import DataError, DsvlError
 from dsvl_cli.inference.session import ChatSession, ContextOverflow, Reply
@@ -96,19 +95,6 @@ def _parse_test(name: str, rounds: Any) -> EvalTest:
         return EvalTest(name, (), str(err), "bad_round")
 
 
-def _find_image(ref: str, root: Path) -> tuple[Path | None, str | None, str | None]:
-    """(file, failure reason, error): the file `ref` names under `root`, fully decoded once."""
-    try:
-        path = locate_image(ref, root)
-    except ImageRefError as err:
-        return None, err.reason if "image" in err.reason else f"image_{err.reason}", str(err)
-    try:
-        load_image(path)
-    except ImageLoadError as err:
-        return path, f"image_{err.reason}", str(err)
-    return path, None, None
-
-
 def _locate(test: EvalTest, root: Path, found: dict[str, Any]) -> EvalTest:
     """`test` with its image files, or with the first image that fails as its error."""
     if test.error is not None:
@@ -118,7 +104,7 @@ def _locate(test: EvalTest, root: Path, found: dict[str, Any]) -> EvalTest:
         paths = []
         for ref in rnd.images:
             if ref not in found:  # the sets reuse images across tests: check each once
-                found[ref] = _find_image(ref, root)
+                found[ref] = find_image(ref, root)
             path, reason, error = found[ref]
             if error is not None:
                 return replace(test, error=f"round {index}: {error}", reason=reason)

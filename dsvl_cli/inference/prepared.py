@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dsvl_cli.data.conversation import Conversation
-from dsvl_cli.data.image_refs import ImageRefError, locate_image
-from dsvl_cli.data.images import ImageLoadError, load_image
+from dsvl_cli.data.image_refs import find_image
 from dsvl_cli.data.json_files import iter_jsonl
 from dsvl_cli.errors import DataError
 
@@ -49,17 +48,8 @@ class PreparedInput:
 def _image_error(ref: str, root: Path, found: dict[str, Any]) -> tuple[str, str | None, str]:
     """(absolute path, failure reason or None, error) for one image reference, cached."""
     if ref not in found:
-        try:
-            path = locate_image(ref, root)
-        except ImageRefError as err:
-            reason = err.reason if "image" in err.reason else f"image_{err.reason}"
-            found[ref] = ("", reason, str(err))
-            return found[ref]
-        try:
-            load_image(path)
-            found[ref] = (str(path), None, "")
-        except ImageLoadError as err:
-            found[ref] = (str(path), f"image_{err.reason}", str(err))
+        path, reason, error = find_image(ref, root)
+        found[ref] = ("" if path is None else str(path), reason, error or "")
     return found[ref]
 
 

@@ -39,8 +39,9 @@ from dsvl_cli import __version__
 from dsvl_cli.data.collate import Collator
 from dsvl_cli.data.conversation import Conversation
 from dsvl_cli.data.dataset import ConversationDataset
-from dsvl_cli.data.images import ImageLoadError, load_image
-from dsvl_cli.data.template import encode_prompt
+from dsvl_cli.data.encoder import SampleEncoder
+from dsvl_cli.data.image_refs import ImageRefError, image_failure
+from dsvl_cli.data.images import ImageLoadError
 from dsvl_cli.inference.generation import GenerationSettings
 from dsvl_cli.inference.loader import LoadedModel
 from dsvl_cli.inference.prepared import SampleFailure
@@ -66,30 +67,14 @@ def qtype(conv: Conversation) -> str:
 # ---------------------------------------------------------------------- loss
 
 
-def _dataset(loaded: LoadedModel, convs: Sequence[Conversation], root: Path) -> ConversationDataset:
-    cfg, built = loaded.config, loaded.built
-    return ConversationDataset(
-        convs,
-        root,
-        tokenizer=built.tokenizer,
-        image_token_id=built.model.image_token_id,
-        tokens_per_image=built.model.tokens_per_image,
-        image_transform=built.image_transform,
-        image_size=built.model.vision.image_size,
-        max_seq_len=cfg.model.max_seq_len,
-        overlength=cfg.data.overlength,
-        max_images=cfg.model.max_images_per_sample,
-        max_round_tokens=cfg.data.max_round_tokens,
-    )
-
-
 @torch.no_grad()
 def _group_loss(
     loaded: LoadedModel, convs: Sequence[Conversation], root: Path, batch_size: int
 ) -> tuple[float, int, int, list[tuple[str, str]]]:
     """(loss sum, supervised tokens, samples used, (id, reason) of each skip) over `convs`."""
     collate = Collator(loaded.built.tokenizer.pad_token_id)
-    loader = DataLoader(_dataset(loaded, convs, root), batch_size=batch_size, collate_fn=collate)
+    data = ConversationDataset(convs, root, SampleEncoder.from_built(loaded.built, loaded.config))
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate)
     loss_sum, tokens, samples, skipped = 0.0, 0, 0, []
     for batch in loader:
         skipped += batch.skipped
@@ -152,15 +137,15 @@ def teacher_forced_loss(
 # ---------------------------------------------------------------------- accuracy
 
 
-def _prompt(loaded: LoadedModel, conv: Conversation, root: Path) -> tuple[list[int], torch.Tensor]:
-    """Ids of every round but the last answer, and all images; ImageLoadError if one fails."""
-    model = loaded.model
-    open_conv = Conversation(conv.messages[:-1], conv.images, conv.id, conv.source, conv.system)
-    ids = encode_prompt(
-        open_conv, loaded.built.tokenizer, model.image_token_id, model.tokens_per_image
-    )
-    images = [loaded.built.image_transform(load_image(root / p)) for p in conv.images]
-    return ids, torch.stack(images) if images else torch.zeros(0, 3, 0, 0)
+def _prompt(
+    loaded: LoadedModel, conv: Conversation, root: Path, encoder: SampleEncoder | None = None
+) -> tuple[list[int], torch.Tensor]:
+    """Ids of every round but the last answer, and all images [n, 3, H, W].
+
+    Raises ImageRefError or ImageLoadError for an image that cannot be found or decoded.
+    """
+    encoder = encoder or SampleEncoder.from_built(loaded.built, loaded.config)
+    return encoder.last_question(conv), encoder.pixels(conv.images, root)
 
 
 def _left_pad(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,13 +218,14 @@ def exact_match(
 ) -> tuple[list[dict[str, Any]], list[SampleFailure]]:
     """Predictions (in input order) for conversations with a reference, and the failures."""
     items, failed = [], []
+    encoder = SampleEncoder.from_built(loaded.built, loaded.config)
     for index, conv in enumerate(convs):
         if not _scorable(conv):
             continue
         try:
-            ids, pixels = _prompt(loaded, conv, root)
-        except ImageLoadError as err:
-            failed.append(SampleFailure("accuracy", f"image_{err.reason}", str(err), conv.id))
+            ids, pixels = _prompt(loaded, conv, root, encoder)
+        except (ImageLoadError, ImageRefError) as err:
+            failed.append(SampleFailure("accuracy", image_failure(err), str(err), conv.id))
             continue
         need = len(ids) + settings.max_new_tokens
         if need > loaded.max_context:

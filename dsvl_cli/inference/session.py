@@ -1,8 +1,8 @@
 """One conversation with a model: history in the KV cache, each image encoded once.
 
-`ChatSession` is what `dsvl chat` and `dsvl eval` share. A round is rendered with
-the training template (`dsvl_cli.data.template.encode_prompt`): the first round carries the system
-prompt, and image numbers continue across rounds (`### Image 3:` is the conversation's third
+`ChatSession` is what `dsvl chat` and `dsvl eval` share. A round becomes ids and pixels through
+the model's `SampleEncoder` (`dsvl_cli.data.encoder`), as in training: the first round carries the
+system prompt, and image numbers continue across rounds (`### Image 3:` is the conversation's third
 image). Only the new round's ids and the new round's images go through the model; the cache
 returned by the previous `generate` covers the rest, so a round's cost does not grow with the
 number of earlier images.
@@ -36,9 +36,8 @@ import numpy as np
 import torch
 
 from dsvl_cli import __version__
-from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message, escape_typed
-from dsvl_cli.data.images import load_image
-from dsvl_cli.data.template import encode_prompt
+from dsvl_cli.data.conversation import Conversation, Message, escape_typed
+from dsvl_cli.data.encoder import SampleEncoder, user_content
 from dsvl_cli.errors import ConfigError, DataError
 from dsvl_cli.inference.generation import GenerationSettings, TextPieceStreamer
 from dsvl_cli.model.hf_compat import cache_kwargs, output_cache
@@ -96,15 +95,6 @@ class Round:
     finish_reason: str = "eos"
 
 
-def user_content(question: str, num_images: int) -> str:
-    """The user message for a round: one placeholder line per image, then the question.
-
-    The question is typed text: `<image>` in it stays text (`escape_typed`); image slots come
-    only from the images attached to the round.
-    """
-    return "\n".join([IMAGE_PLACEHOLDER] * num_images + [escape_typed(question.strip())])
-
-
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two id lists."""
     n = min(len(a), len(b))
@@ -134,6 +124,7 @@ class ChatSession:
         overflow: "error" or "drop_oldest".
         system: system prompt override (None: the template's default).
         device: where inputs go (default: the device of the token embeddings).
+        encoder: the model's `SampleEncoder` (default: built from `built`, without limits).
     """
 
     def __init__(
@@ -146,12 +137,13 @@ class ChatSession:
         overflow: Overflow = "error",
         system: str | None = None,
         device: torch.device | None = None,
+        encoder: SampleEncoder | None = None,
     ) -> None:
         if overflow not in OVERFLOW_MODES:
             raise ConfigError(f"overflow {overflow!r}: choose one of {', '.join(OVERFLOW_MODES)}")
         self.model = built.model
         self.tokenizer = built.tokenizer
-        self.image_transform = built.image_transform
+        self.encoder = encoder or SampleEncoder.from_built(built)
         self.settings = settings or GenerationSettings()
         self.max_context = max_context
         self.max_images = max_images
@@ -182,6 +174,7 @@ class ChatSession:
             max_images=loaded.max_images,
             overflow=overflow,
             device=loaded.device,
+            encoder=SampleEncoder.from_built(loaded.built, loaded.config),
         )
 
     # ------------------------------------------------------------------ state
@@ -249,10 +242,8 @@ class ChatSession:
             )
 
     def load_pixels(self, paths: Sequence[str | Path]) -> torch.Tensor:
-        """Load and transform images in order ([n, 3, H, W] on the CPU); ImageLoadError if bad."""
-        if not paths:
-            return torch.zeros(0, 3, 0, 0)
-        return torch.stack([self.image_transform(load_image(p)) for p in paths])
+        """`SampleEncoder.pixels`: [n, 3, H, W] on the CPU; ImageLoadError / ImageRefError."""
+        return self.encoder.pixels(paths)
 
     def ask(
         self,
@@ -289,19 +280,7 @@ class ChatSession:
     def _encode(
         self, question: str, num_images: int, first_image: int, first_round: bool
     ) -> list[int]:
-        conv = Conversation(
-            [Message("user", user_content(question, num_images))],
-            images=[""] * num_images,  # paths do not enter the ids
-            system=self.system,
-        )
-        return encode_prompt(
-            conv,
-            self.tokenizer,
-            self.model.image_token_id,
-            self.model.tokens_per_image,
-            first_image_index=first_image,
-            include_system=first_round,
-        )
+        return self.encoder.turn(question, num_images, first_image, self.system, first_round)
 
     def _fit(self, question: str, num_images: int) -> _Plan:
         """Plan the round: the prompt, and the rounds kept to make room as `overflow` says."""
@@ -390,11 +369,8 @@ class ChatSession:
         return text, finish, len(new)
 
     def answer_ids(self, text: str) -> list[int]:
-        """Ids of an answer as the template tokenises it (its own segment, no specials)."""
-        if not text:
-            return []
-        encoded = self.tokenizer([text], add_special_tokens=False, split_special_tokens=True)
-        return list(encoded["input_ids"][0])
+        """Ids of an answer as the template tokenises it (`SampleEncoder.answer_ids`)."""
+        return self.encoder.answer_ids(text)
 
     @staticmethod
     def _crop(cache: Any, keep: int) -> Any:

@@ -18,6 +18,7 @@ from dsvl_cli import dist
 from dsvl_cli.config import Config
 from dsvl_cli.data.collate import Batch, Collator
 from dsvl_cli.data.dataset import ConversationDataset, make_loader
+from dsvl_cli.data.encoder import SampleEncoder
 from dsvl_cli.data.template import IGNORE_INDEX
 from dsvl_cli.model.builder import Built
 
@@ -38,21 +39,9 @@ class EvalShard(Sampler[int]):
 
 
 def dataset(config: Config, built: Built, split: Any) -> ConversationDataset:
-    """The tokenising, image-loading dataset of one blend split."""
-    model = built.model
-    return ConversationDataset(
-        split.conversations,
-        split.base_dirs,
-        tokenizer=built.tokenizer,
-        image_token_id=model.image_token_id,
-        tokens_per_image=model.tokens_per_image,
-        image_transform=built.image_transform,
-        image_size=model.vision.image_size,
-        max_seq_len=config.model.max_seq_len,
-        overlength=config.data.overlength,
-        max_images=config.model.max_images_per_sample,
-        max_round_tokens=config.data.max_round_tokens,
-    )
+    """The tokenising, image-loading dataset of one blend split (the model's `SampleEncoder`)."""
+    encoder = SampleEncoder.from_built(built, config)
+    return ConversationDataset(split.conversations, split.base_dirs, encoder)
 
 
 def train_loader(config: Config, built: Built, split: Any, collator: Collator) -> DataLoader:

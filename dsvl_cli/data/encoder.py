@@ -1,0 +1,299 @@
+"""`SampleEncoder`: the one way a conversation or a chat turn becomes model input.
+
+It holds everything that decides the model's input for a sample: the tokenizer, the image-token
+settings (`image_token_id`, `tokens_per_image`), the template limits (`max_seq_len`,
+`overlength`, `max_images`, `max_round_tokens`) and the image transform with the size it
+produces. Training (`ConversationDataset`), chat and eval (`ChatSession`), scoring and
+`prepare-data --show` all call it, so the same conversation gives the same ids, labels and pixels
+on every path. Build it once per model with `SampleEncoder.from_built(built, config)`.
+
+Ids come from the DSVL template (`template.py`); images are found by the shared resolver
+(`image_refs.resolve_image_ref`) and decoded by the one loader (`images.load_image`). Typed text
+(a chat or eval question, a model answer) enters a message through `escape_typed`, so `<image>`
+typed in a question stays text: image slots come only from attached images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message, escape_typed
+from dsvl_cli.data.image_refs import ImageRefError, image_failure, resolve_image_ref
+from dsvl_cli.data.images import ImageLoadError, load_image
+from dsvl_cli.data.template import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    Encoded,
+    Overlength,
+    Skip,
+    encode_conversation,
+    encode_prompt,
+    tokenize_segments,
+)
+from dsvl_cli.log import get_logger
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from dsvl_cli.config import Config
+    from dsvl_cli.model.builder import Built
+    from dsvl_cli.model.vision import ImageTransform
+
+log = get_logger(__name__)
+
+SHOWN_IMAGE_TOKENS = 1  # `--show` has no vision encoder: each image run is one `<image>`
+
+
+@dataclass
+class Sample:
+    """One encoded training sample.
+
+    Attributes:
+        input_ids: [L] token ids (long), image runs included.
+        labels: [L] targets (long), -100 where not supervised.
+        pixel_values: [num_images, 3, H, W] float, in placeholder order ([0, 3, H, W] if none).
+        num_images: images kept (after `truncate_rounds`, the kept rounds' images only).
+        id: the conversation id.
+    """
+
+    input_ids: Tensor
+    labels: Tensor
+    pixel_values: Tensor
+    num_images: int
+    id: str
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """A sample that could not be used: `reason` for counting, `detail` for humans."""
+
+    id: str
+    reason: str
+    detail: str = ""
+
+
+def user_content(question: str, num_images: int) -> str:
+    """The user message of a chat turn: one placeholder line per image, then the question.
+
+    The question is typed text: `<image>` in it stays text (`escape_typed`); image slots come
+    only from the images attached to the turn.
+    """
+    return "\n".join([IMAGE_PLACEHOLDER] * num_images + [escape_typed(question.strip())])
+
+
+@dataclass(frozen=True)
+class SampleEncoder:
+    """Conversation or chat turn -> ids, labels, pixels (see the module docstring).
+
+    Attributes:
+        tokenizer: the LM's tokenizer, with `<image>` added.
+        image_token_id: id of `<image>`.
+        tokens_per_image: image tokens per image (the encoder/projector's count).
+        image_transform: picklable callable, PIL RGB image -> float tensor [3, H, W]; None for
+            an encoder that only renders text (`--show` without a model).
+        image_size: (H, W) the transform produces (an int means square).
+        max_seq_len, overlength, max_images, max_round_tokens: the template's limits.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    image_token_id: int
+    tokens_per_image: int
+    image_transform: ImageTransform | None = None
+    image_size: int | tuple[int, int] = 0
+    max_seq_len: int | None = None
+    overlength: Overlength = "drop"
+    max_images: int | None = None
+    max_round_tokens: int | None = None
+
+    @classmethod
+    def from_built(cls, built: Built, config: Config | None = None) -> SampleEncoder:
+        """The encoder of a built model; the template limits from `config` (none without)."""
+        model = built.model
+        limits = {}
+        if config is not None:
+            limits = {
+                "max_seq_len": config.model.max_seq_len,
+                "overlength": config.data.overlength,
+                "max_images": config.model.max_images_per_sample,
+                "max_round_tokens": config.data.max_round_tokens,
+            }
+        return cls(
+            built.tokenizer,
+            model.image_token_id,
+            model.tokens_per_image,
+            built.image_transform,
+            model.vision.image_size,
+            **limits,
+        )
+
+    @classmethod
+    def for_text(cls, tokenizer: PreTrainedTokenizerBase) -> SampleEncoder:
+        """An encoder without images or limits, one `<image>` per image (`--show`)."""
+        image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        return cls(tokenizer, image_id, SHOWN_IMAGE_TOKENS)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(3, H, W) of one transformed image."""
+        size = self.image_size
+        return (3, *((size, size) if isinstance(size, int) else tuple(size)))  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ ids
+
+    def encode(self, conv: Conversation) -> Encoded | Skip:
+        """Ids and labels of a complete conversation under the limits (`encode_conversation`)."""
+        return encode_conversation(
+            conv,
+            self.tokenizer,
+            self.image_token_id,
+            self.tokens_per_image,
+            self.max_seq_len,
+            overlength=self.overlength,
+            max_images=self.max_images,
+            max_round_tokens=self.max_round_tokens,
+        )
+
+    def prompt(
+        self, conv: Conversation, first_image_index: int = 1, include_system: bool = True
+    ) -> list[int]:
+        """Generation ids of an open conversation (`encode_prompt`); DataError if not open."""
+        return encode_prompt(
+            conv,
+            self.tokenizer,
+            self.image_token_id,
+            self.tokens_per_image,
+            first_image_index=first_image_index,
+            include_system=include_system,
+        )
+
+    def last_question(self, conv: Conversation) -> list[int]:
+        """Ids of every round of a complete conversation but its last answer (scoring)."""
+        return self.prompt(replace_messages(conv, conv.messages[:-1]))
+
+    def turn(
+        self,
+        question: str,
+        num_images: int,
+        first_image_index: int = 1,
+        system: str | None = None,
+        include_system: bool = True,
+    ) -> list[int]:
+        """Prompt ids of a chat turn: `question` (typed text) about `num_images` new images."""
+        conv = Conversation(
+            [Message("user", user_content(question, num_images))],
+            images=[""] * num_images,  # paths do not enter the ids
+            system=system,
+        )
+        return self.prompt(conv, first_image_index, include_system)
+
+    def answer_ids(self, text: str) -> list[int]:
+        """Ids of an answer as the template tokenises it (its own segment, no specials)."""
+        return tokenize_segments(self.tokenizer, [text])[0] if text else []
+
+    # ------------------------------------------------------------------ pixels
+
+    def pixels(self, refs: Sequence[str | Path], root: str | Path = ".") -> Tensor:
+        """Find, load and transform images in order: [n, 3, H, W] float on the CPU.
+
+        Relative references start at `root`. Raises ImageRefError (a reference that names no
+        local file) or ImageLoadError (a file that does not decode), both DataErrors.
+        """
+        if self.image_transform is None:
+            raise ValueError("this SampleEncoder has no image transform (text only)")
+        tensors = []
+        for ref in refs:
+            tensor = self.image_transform(load_image(resolve_image_ref(str(ref), root)))
+            if tuple(tensor.shape) != self.image_shape:
+                # A wiring error (transform vs image_size), not bad data: fail loudly.
+                raise ValueError(
+                    f"image_transform gave shape {tuple(tensor.shape)}, expected "
+                    f"{self.image_shape} (the SampleEncoder's image_size)"
+                )
+            tensors.append(tensor)
+        return torch.stack(tensors) if tensors else torch.zeros(0, *self.image_shape)
+
+    # ------------------------------------------------------------------ whole samples
+
+    def sample(self, conv: Conversation, root: str | Path = ".") -> Sample | SkippedSample:
+        """A training sample, or why not: never raises on bad data (see `ConversationDataset`).
+
+        Only the images of the rounds the template kept are loaded.
+        """
+        encoded = self.encode(conv)
+        if isinstance(encoded, Skip):
+            return SkippedSample(conv.id, encoded.reason, encoded.detail)
+        try:
+            pixels = self.pixels(conv.images[: encoded.num_images], root)
+        except (ImageLoadError, ImageRefError) as err:
+            log.debug("sample %r skipped: %s", conv.id, err)
+            return SkippedSample(conv.id, image_failure(err), str(err))
+        return Sample(
+            input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),
+            labels=torch.tensor(encoded.labels, dtype=torch.long),
+            pixel_values=pixels,
+            num_images=encoded.num_images,
+            id=conv.id,
+        )
+
+    def supervision(self, conv: Conversation) -> list[tuple[str, bool]] | Skip:
+        """`encode` as text pieces flagged "supervised" (`--show`), or the sample's `Skip`."""
+        encoded = self.encode(conv)
+        if isinstance(encoded, Skip):
+            return encoded
+        return supervision_pieces(encoded, self.tokenizer, self.image_token_id)
+
+
+def replace_messages(conv: Conversation, messages: list[Message]) -> Conversation:
+    """`conv` with other messages (same images, id, source and system prompt)."""
+    return Conversation(messages, conv.images, conv.id, conv.source, conv.system)
+
+
+def supervision_pieces(
+    encoded: Encoded, tokenizer: PreTrainedTokenizerBase, image_token_id: int
+) -> list[tuple[str, bool]]:
+    """Decoded runs of `encoded` with a flag "supervised"; each image run shows as one `<image>`.
+
+    Joined, the texts equal `render_text` of the kept rounds for a byte-level tokenizer.
+    """
+    ids = np.asarray(encoded.input_ids, dtype=np.int64)
+    supervised = np.asarray(encoded.labels, dtype=np.int64) != IGNORE_INDEX
+    is_image = ids == image_token_id
+    key = supervised.astype(np.int8) * 2 + is_image.astype(np.int8)
+    starts = np.flatnonzero(np.diff(key, prepend=np.int8(-1)))
+    ends = np.append(starts[1:], len(ids))
+    pieces = []
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        run = encoded.input_ids[start:end]
+        text = IMAGE_TOKEN if is_image[start] else tokenizer.decode(run, skip_special_tokens=False)
+        pieces.append((text, bool(supervised[start])))
+    return pieces
+
+
+def render_supervision(
+    conv: Conversation,
+    tokenizer: PreTrainedTokenizerBase,
+    image_token_id: int,
+    tokens_per_image: int,
+    max_seq_len: int | None = None,
+    overlength: Overlength = "drop",
+    max_images: int | None = None,
+    max_round_tokens: int | None = None,
+) -> list[tuple[str, bool]] | Skip:
+    """`SampleEncoder(...).supervision(conv)` for a tokenizer and limits without a model."""
+    encoder = SampleEncoder(
+        tokenizer,
+        image_token_id,
+        tokens_per_image,
+        max_seq_len=max_seq_len,
+        overlength=overlength,
+        max_images=max_images,
+        max_round_tokens=max_round_tokens,
+    )
+    return encoder.supervision(conv)
