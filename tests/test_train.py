@@ -224,3 +224,28 @@ def test_one_nonfinite_micro_batch_is_skipped(
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     step3 = next(r for r in records if r["step"] == 3 and "train/loss" in r)
     assert step3["train/loss"] is None and step3["train/nonfinite_skipped_batches"] == 1
+
+
+def test_a_half_replaced_best_is_refused_and_resume_restores_it(
+    shapes: Path, tmp_path: Path
+) -> None:
+    """A kill between moving the old best/ aside and moving the new one in, as the old writer
+    left it: config.yaml and meta.json without weights."""
+    from dsvl_cli.errors import CheckpointError
+    from dsvl_cli.model.folder import open_model_folder
+
+    args = overrides(shapes, tmp_path, "train.max_steps=4", "train.save_every=2")
+    fit(load_config(RECIPE, args))
+    best = tmp_path / "best"
+    meta = json.loads((best / "meta.json").read_text())
+    best.rename(tmp_path / ".best.old")
+    best.mkdir()
+    for name in ("config.yaml", "meta.json"):
+        (best / name).write_bytes((tmp_path / ".best.old" / name).read_bytes())
+    with pytest.raises(CheckpointError) as err:
+        open_model_folder(best)
+    assert "\n" not in str(err.value) and str(best) in str(err.value)
+    last = tmp_path / "checkpoints" / "step-4"
+    fit(load_config(RECIPE, [*args, f"train.resume={last}"]))
+    assert open_model_folder(best).meta["step"] == meta["step"]
+    assert not (tmp_path / ".best.old").exists()

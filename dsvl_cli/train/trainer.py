@@ -34,7 +34,13 @@ from dsvl_cli.log import console, get_logger
 from dsvl_cli.model.builder import build_model
 from dsvl_cli.model.trainable import check_trainable
 from dsvl_cli.train import batches as B
-from dsvl_cli.train.checkpoint import TrainState, find_resume, load_checkpoint, save_checkpoint
+from dsvl_cli.train.checkpoint import (
+    TrainState,
+    find_resume,
+    load_checkpoint,
+    repair_exports,
+    save_checkpoint,
+)
 from dsvl_cli.train.engine import (
     check_epoch_fits_a_step,
     deepspeed_config,
@@ -166,8 +172,11 @@ class Trainer:
             eval_loss = self._train_epochs()
         else:
             log.info("the checkpoint is at step %d of %d: nothing left to train", *self._at())
-            eval_loss = self.evaluate()["eval/loss"]
+            metrics = self.evaluate()
+            eval_loss = metrics["eval/loss"]
             check_eval(eval_loss, self.state.step, self.last_checkpoint)
+            if self.state.best_eval_loss is None:  # best/ was lost and could not be restored
+                self._after_eval(metrics)
         self._export("final", eval_loss)
         assert self.metrics is not None
         self.metrics.close()
@@ -186,6 +195,8 @@ class Trainer:
         self.load_state_dict(load_checkpoint(self.engine, path))
         self.last_checkpoint = str(path)
         log.info("resumed from %s at step %d", path, self.state.step)
+        # A kill during an export leaves its complete copy aside: put it back, or re-export.
+        repair_exports(self.output_dir, self.state)
         return self.state.step
 
     def _prepare_output(self, resumed: int | None) -> None:
