@@ -4,7 +4,9 @@ and ZeRO 0-3 still resume bit-exactly through the weights-only path."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ ROOT = Path(__file__).parent.parent
 RECIPE = ROOT / "recipes" / "tiny.yaml"
 COMMON = ("optim.schedule=constant", "optim.warmup_ratio=null", "train.keep_last=10")
 _RUNS: dict[int, tuple[Path, list[float]]] = {}
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class PlantMarker:
@@ -34,6 +37,19 @@ class PlantMarker:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _rendezvous_env() -> Iterator[None]:
+    """In-process training sets RANK, MASTER_PORT, ... in os.environ; later tests that start
+    `dsvl train` subprocesses must not inherit a port this process's process group holds."""
+    saved = {key: os.environ.get(key) for key in RENDEZVOUS}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

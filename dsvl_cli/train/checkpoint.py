@@ -144,10 +144,12 @@ def load_checkpoint(engine: Any, path: Path) -> TrainState:
     Raises CheckpointError in one line for a file DeepSpeed cannot read or that holds anything
     but tensors, plain containers and DeepSpeed's own checkpoint types.
     """
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException  # e.g. another world size
+
     try:
         with deepspeed_reads_safely():
             load_path, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG)
-    except _LOAD_ERRORS as err:
+    except (*_LOAD_ERRORS, ZeRORuntimeException) as err:
         raise CheckpointError(
             f"{path}: DeepSpeed cannot load it ({type(err).__name__}: {_one_line(err)}); it is "
             f"incomplete or from another model or world size; {DAMAGED_FIX}"
