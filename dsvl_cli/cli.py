@@ -72,7 +72,7 @@ def train_cmd(
         False, "--dry-run", help="Validate, print the resolved config and a memory estimate."
     ),
     gpus: int | None = typer.Option(
-        None, "--gpus", help="GPUs per node: re-launch through the deepspeed launcher."
+        None, "--gpus", min=1, help="GPUs per node: re-launch through the deepspeed launcher."
     ),
     hostfile: Path | None = typer.Option(
         None, "--hostfile", help="Multi-node: a DeepSpeed hostfile ('node1 slots=8' lines)."
@@ -82,6 +82,7 @@ def train_cmd(
     cpu_procs: int | None = typer.Option(
         None,
         "--cpu-procs",
+        min=1,
         help="No GPU: train N CPU processes through the deepspeed launcher (default: one).",
     ),
 ) -> None:

@@ -249,3 +249,11 @@ def test_a_half_replaced_best_is_refused_and_resume_restores_it(
     fit(load_config(RECIPE, [*args, f"train.resume={last}"]))
     assert open_model_folder(best).meta["step"] == meta["step"]
     assert not (tmp_path / ".best.old").exists()
+
+
+def test_training_without_eval_data_exports_final(shapes: Path, tmp_path: Path) -> None:
+    """No eval split: no evaluation, no best/, final/ exported (was: NaN eval, exit 2)."""
+    extra = ("train.max_steps=2", "data.eval_file=null", "data.eval_fraction=0")
+    result = fit(load_config(RECIPE, overrides(shapes, tmp_path, *extra)))
+    assert result.steps == 2 and result.eval_loss is None
+    assert (tmp_path / "final" / "manifest.json").is_file() and not (tmp_path / "best").exists()

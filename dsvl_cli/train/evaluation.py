@@ -19,15 +19,16 @@ from dsvl_cli.train.batches import model_inputs, placeholder_inputs
 
 @torch.no_grad()
 def evaluate(engine: Any, loader: Any, built: Built, device: torch.device, precision: str) -> dict:
-    """{"eval/loss", "eval/ppl", "eval/tokens", "eval/samples"} summed over every rank.
+    """{"eval/loss", "eval/ppl", "eval/tokens", "eval/samples", "eval/skipped"} over every rank.
 
     `eval/loss` is the mean over every supervised token of the split; NaN (never a number that
-    looks fine) when the model gives a non-finite loss, and NaN when no token is supervised.
+    looks fine) when the model gives a non-finite loss; None when no token was scored (no eval
+    data, or every eval sample skipped). `eval/skipped` counts samples the dataset skipped.
     """
     engine.eval()
     mine = torch.tensor([float(len(loader))], device=device)
     rounds = int(dist.all_reduce_max(mine.clone()).item())
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
     batches = iter(loader)
     for _ in range(rounds):
         batch = next(batches, None)
@@ -38,13 +39,16 @@ def evaluate(engine: Any, loader: Any, built: Built, device: torch.device, preci
         totals[0] += out.loss_sum.double()
         totals[1] += out.num_tokens.double()
         totals[2] += batch.size
+        totals[3] += len(batch.skipped)
     engine.train()
     dist.all_reduce_sum(totals)
     tokens = float(totals[1])
-    loss = float(totals[0]) / tokens if tokens > 0 else math.nan
+    loss = float(totals[0]) / tokens if tokens > 0 else None
+    finite = loss is not None and math.isfinite(loss)
     return {
         "eval/loss": loss,
-        "eval/ppl": math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.nan,
+        "eval/ppl": math.exp(min(loss, 50.0)) if finite else None,
         "eval/tokens": tokens,
         "eval/samples": float(totals[2]),
+        "eval/skipped": float(totals[3]),
     }

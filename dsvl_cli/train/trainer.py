@@ -174,7 +174,8 @@ class Trainer:
             log.info("the checkpoint is at step %d of %d: nothing left to train", *self._at())
             metrics = self.evaluate()
             eval_loss = metrics["eval/loss"]
-            check_eval(eval_loss, self.state.step, self.last_checkpoint)
+            if eval_loss is not None:
+                check_eval(eval_loss, self.state.step, self.last_checkpoint)
             if self.state.best_eval_loss is None:  # best/ was lost and could not be restored
                 self._after_eval(metrics)
         self._export("final", eval_loss)
@@ -297,10 +298,16 @@ class Trainer:
         lrs = self.engine.get_lr()
         return float(lrs[0]) if lrs else 0.0
 
-    def _after_eval(self, metrics: dict[str, float]) -> None:
+    def _after_eval(self, metrics: dict[str, Any]) -> None:
         assert self.metrics is not None
         self.metrics.write(self.state.step, metrics)
-        loss = metrics["eval/loss"]
+        loss, skipped = metrics["eval/loss"], int(metrics["eval/skipped"])
+        step = self.state.step
+        if skipped:
+            log.warning("step %d: %d eval sample(s) skipped (unreadable images?)", step, skipped)
+        if loss is None:
+            log.warning("step %d: no eval token scored (no eval data); best/ is not chosen", step)
+            return
         log.info("step %d eval loss %.4f ppl %.2f", self.state.step, loss, metrics["eval/ppl"])
         check_eval(loss, self.state.step, self.last_checkpoint)
         best = self.state.best_eval_loss
