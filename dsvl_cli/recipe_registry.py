@@ -123,7 +123,7 @@ def copy_recipe(name: str, dest: Path | None = None, force: bool = False) -> Pat
     """Copy the shipped recipe `name` to `dest` (default ./NAME.yaml; a folder gets NAME.yaml).
 
     Raises:
-        ConfigError: unknown name, or `dest` exists and `force` is off.
+        ConfigError: unknown name, `dest` exists and `force` is off, or it cannot be written.
     """
     source = shipped_recipe(name)
     target = Path(dest) if dest is not None else Path(source.name)
@@ -131,6 +131,9 @@ def copy_recipe(name: str, dest: Path | None = None, force: bool = False) -> Pat
         target = target / source.name
     if target.exists() and not force:
         raise ConfigError(f"{target} exists; pass --force to overwrite it or give another DEST")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    except OSError as err:
+        raise ConfigError(f"cannot write {target}: {err.strerror}; give another DEST") from err
     return target

@@ -134,3 +134,10 @@ def test_relaunch_gets_the_recipe_file(tmp_path: Path, monkeypatch: pytest.Monke
     recipe = Path(cmd[cmd.index("train") + 1])
     assert recipe == shipped_recipe("tiny") and recipe.is_absolute() and recipe.is_file()
     assert cmd[-1] == "train.seed=3"
+
+
+def test_copy_to_an_unwritable_place_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot write .*; give another DEST"):
+        copy_recipe("tiny", blocker / "sub" / "tiny.yaml")
