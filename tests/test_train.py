@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from train_helpers import tiny_overrides as overrides  # noqa: E402
 
 from dsvl_cli.config import load_config
 from dsvl_cli.data.synthetic import generate_synthetic
@@ -29,19 +30,6 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
     generate_synthetic(out, num=60, seed=0)
     return out
-
-
-def overrides(shapes: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"model.language_model={shapes}/models/lm",
-        f"model.vision.path={shapes}/models/vision",
-        f"data.prepared_dir={shapes}",
-        f"train.output_dir={out}",
-        "train.micro_batch_size=4",
-        "train.global_batch_size=4",
-        "train.log_every=1",
-        *extra,
-    ]
 
 
 def losses(out: Path) -> dict[int, float]:
