@@ -96,6 +96,10 @@ def train_cmd(
         raise ConfigError(missing_recipe_message())
     recipe_file = resolve_recipe(recipe)  # a shipped recipe's name becomes its absolute path
     config = load_config(recipe_file, overrides or [])
+    if cpu_procs is not None:
+        from dsvl_cli.train.deepspeed_bugs import check_gloo_zero3
+
+        check_gloo_zero3(config, cpu_procs, cuda=False)  # one line, before any process starts
     if dry_run:
         from dsvl_cli.train.dry_run import dry_run_report
 

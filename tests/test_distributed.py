@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from dsvl_cli.data.synthetic import generate_synthetic
+from dsvl_cli.train.deepspeed_bugs import GLOO_ZERO3_FIXED_IN, _release, installed_deepspeed
 
 ROOT = Path(__file__).parent.parent
 RECIPE = ROOT / "recipes" / "tiny.yaml"
@@ -111,6 +112,8 @@ def eval_losses(out: Path) -> dict[int, float]:
     ],
 )
 def test_two_ranks_mixed_batches(data: Path, tmp_path: Path, stage: int, extra: tuple) -> None:
+    if stage == 3 and _release(installed_deepspeed()) < GLOO_ZERO3_FIXED_IN:
+        pytest.skip("this DeepSpeed races ZeRO-3 gathers on gloo; dsvl refuses it (test_first_run)")
     ranks = run(data, tmp_path, 2, f"distributed.zero_stage={stage}", *extra)
     assert ranks[0] == ranks[1] and len(ranks[0]) == 4  # 2 steps x 2 epochs on both ranks
     assert all(math.isfinite(loss) for loss in ranks[0])

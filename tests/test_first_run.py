@@ -17,7 +17,7 @@ from train_helpers import tiny_overrides as overrides  # noqa: E402
 from dsvl_cli.config import load_config
 from dsvl_cli.data.synthetic import generate_synthetic
 from dsvl_cli.errors import ConfigError
-from dsvl_cli.train import launch, native_ops
+from dsvl_cli.train import deepspeed_bugs, launch, native_ops
 from dsvl_cli.train.progress import TrainProgress
 from dsvl_cli.train.trainer import fit
 
@@ -259,3 +259,51 @@ def test_a_global_batch_larger_than_an_epoch_names_the_global_batch(
     args = overrides(shapes, tmp_path, "train.global_batch_size=256")
     with pytest.raises(ConfigError, match=r"^train.global_batch_size=256 needs 64 micro-batches"):
         fit(load_config(RECIPE, args))
+
+
+# ----------------------------------------------------------------------------- known DeepSpeed bugs
+
+
+@pytest.mark.parametrize(
+    "stage, procs, cuda, version, refused",
+    [
+        (3, 2, False, "0.18.0", True),  # the CI failure: NaN eval losses from racing gathers
+        (3, 2, False, "0.19.7", True),
+        (3, 2, False, "0.19.8", False),
+        (3, 2, False, "0.20.0rc1", False),
+        (3, 1, False, "0.18.0", False),  # one process gathers nothing
+        (3, 8, True, "0.18.0", False),  # nccl gathers run in order on one stream
+        (2, 2, False, "0.18.0", False),  # ZeRO 0-2 never gather parameters
+    ],
+)
+def test_zero3_on_cpu_processes_needs_a_deepspeed_that_waits_for_its_gathers(
+    stage: int, procs: int, cuda: bool, version: str, refused: bool
+) -> None:
+    config = load_config(RECIPE, [f"distributed.zero_stage={stage}"])
+    if not refused:
+        deepspeed_bugs.check_gloo_zero3(config, procs, cuda, version)
+        return
+    with pytest.raises(ConfigError, match=r"deepspeed>=0\.19\.8.*zero_stage=2"):
+        deepspeed_bugs.check_gloo_zero3(config, procs, cuda, version)
+
+
+def test_cli_refuses_zero3_on_cpu_processes_with_an_affected_deepspeed(
+    shapes: Path, tmp_path: Path
+) -> None:
+    args = [*overrides(shapes, tmp_path / "run"), "distributed.zero_stage=3"]
+    args.append("train.global_batch_size=8")
+    done = subprocess.run(
+        [sys.executable, "-m", "dsvl_cli", "train", str(RECIPE), *args, "--cpu-procs", "2"]
+        + ["--dry-run"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+    )
+    affected = deepspeed_bugs._release(deepspeed_bugs.installed_deepspeed()) < (0, 19, 8)
+    assert "Traceback" not in done.stderr
+    if affected:  # the oldest allowed DeepSpeed
+        assert done.returncode == 2, done.stderr
+        assert "gloo all-gather" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    else:
+        assert done.returncode == 0, done.stderr

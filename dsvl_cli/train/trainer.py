@@ -41,6 +41,7 @@ from dsvl_cli.train.checkpoint import (
     repair_exports,
     save_checkpoint,
 )
+from dsvl_cli.train.deepspeed_bugs import check_gloo_zero3
 from dsvl_cli.train.engine import (
     check_epoch_fits_a_step,
     deepspeed_config,
@@ -104,6 +105,7 @@ class Trainer:
         dist.init()
         _seed(config.train.seed)
         self.config, self.world, self.device = config, dist.world_size(), dist.device()
+        check_gloo_zero3(config, self.world, cuda=self.device.type == "cuda")
         self.precision = config.distributed.precision
         ds_config = deepspeed_config(config, self.world)
         dtype = B.DTYPES[self.precision]
