@@ -41,7 +41,7 @@ def prepare_data_cmd(
 ) -> None:
     """Validate raw datasets and write prepared JSONL, or generate the synthetic task."""
     if sources == ["synthetic"]:
-        from dsvl_cli.data.synthetic import generate_synthetic
+        from dsvl_cli.demo.synthetic import generate_synthetic
 
         manifest = generate_synthetic(out, num=num, seed=seed)
         counts = manifest["counts"]
@@ -73,9 +73,15 @@ def prepare_data_cmd(
 
 def _show(jsonl: Path, count: int, tokenizer: Path | None) -> None:
     if count > 0:
+        from dsvl_cli.data.encoder import SampleEncoder
         from dsvl_cli.data.show import show_samples
 
-        show_samples(jsonl, count, stdout, tokenizer)
+        encoder = None
+        if tokenizer is not None:
+            from dsvl_cli.model.builder import load_tokenizer
+
+            encoder = SampleEncoder.for_text(load_tokenizer(str(tokenizer)))
+        show_samples(jsonl, count, stdout, encoder)
 
 
 def _print_prepare_results(results: list) -> None:

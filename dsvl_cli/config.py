@@ -136,6 +136,17 @@ class DataConfig(_Strict):
     )
     seed: int = 1234
     workers: int = Field(default=2, ge=0)
+    pixel_cache_mb: int = Field(
+        default=0,
+        ge=0,
+        description="keep processed images in memory, up to this many MiB per data-loading "
+        "process (0: off); for data sets small enough to decode once",
+    )
+    system_prompt: str | None = Field(
+        default=None,
+        description="system prompt of conversations without their own (None: DSVL's); stored "
+        "in exports, so eval and chat render it too",
+    )
     overlength: Literal["drop", "truncate_rounds"] = "drop"
     max_round_tokens: int | None = Field(default=512, gt=0)
     max_failure_fraction: float = Field(default=0.01, ge=0, le=1)

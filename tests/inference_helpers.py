@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from dsvl_cli.config import validate_config
-from dsvl_cli.data.synthetic import generate_synthetic
+from dsvl_cli.demo.synthetic import generate_synthetic
 from dsvl_cli.inference.loader import LoadedModel
 from dsvl_cli.model.builder import build_model
 from dsvl_cli.train.export import export_model

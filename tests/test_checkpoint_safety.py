@@ -15,7 +15,7 @@ import torch
 
 import dsvl_cli.train.safe_load as safe_load_module
 from dsvl_cli.config import load_config
-from dsvl_cli.data.synthetic import generate_synthetic
+from dsvl_cli.demo.synthetic import generate_synthetic
 from dsvl_cli.errors import CheckpointError
 from dsvl_cli.model.manifest import MANIFEST_FILE, write_manifest
 from dsvl_cli.train.checkpoint import find_resume

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dsvl_cli.data.synthetic import generate_synthetic
+from dsvl_cli.demo.synthetic import generate_synthetic
 from dsvl_cli.train.deepspeed_bugs import GLOO_ZERO3_FIXED_IN, _release, installed_deepspeed
 
 ROOT = Path(__file__).parent.parent

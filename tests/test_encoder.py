@@ -91,7 +91,7 @@ def test_dataset_chat_and_show_give_the_same_input(
     jsonl = tmp_path / "one.jsonl"
     jsonl.write_text(json.dumps(conv.to_dict()) + "\n", encoding="utf-8")
     out = io.StringIO()
-    show_samples(jsonl, 1, Console(file=out, width=10_000), None, encoder=encoder)  # --show
+    show_samples(jsonl, 1, Console(file=out, width=10_000), encoder)  # --show
     assert calls["encode"] == 2
     encoded = Encoded(sample.input_ids.tolist(), sample.labels.tolist(), 2, 1)
     pieces = supervision_pieces(encoded, encoder.tokenizer, encoder.image_token_id)

@@ -195,7 +195,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dsvl_cli.data.synthetic import generate_synthetic
+    from dsvl_cli.demo.synthetic import generate_synthetic
 
     out = tmp_path_factory.mktemp("shapes")
     generate_synthetic(out, num=8, seed=0)

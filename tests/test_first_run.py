@@ -15,7 +15,7 @@ import pytest
 from train_helpers import tiny_overrides as overrides  # noqa: E402
 
 from dsvl_cli.config import load_config
-from dsvl_cli.data.synthetic import generate_synthetic
+from dsvl_cli.demo.synthetic import generate_synthetic
 from dsvl_cli.errors import ConfigError
 from dsvl_cli.train import deepspeed_bugs, launch, native_ops
 from dsvl_cli.train.progress import TrainProgress

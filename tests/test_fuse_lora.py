@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from dsvl_cli import dist
 from dsvl_cli.config import Config, validate_config
-from dsvl_cli.data.synthetic import generate_synthetic
+from dsvl_cli.demo.synthetic import generate_synthetic
 from dsvl_cli.errors import CheckpointError
 from dsvl_cli.model.builder import Built, build_model
 from dsvl_cli.model.folder import load_model_folder

@@ -161,7 +161,7 @@ def test_child_past_its_limit_is_killed(tmp_path: Path) -> None:
 
 
 def test_check_models_builds_bf16_folders(tmp_path: Path) -> None:
-    from dsvl_cli.data.synthetic import generate_synthetic
+    from dsvl_cli.demo.synthetic import generate_synthetic
 
     generate_synthetic(tmp_path / "data", num=8)
     shapes = check_models.SIZES["tiny"]

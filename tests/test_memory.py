@@ -201,7 +201,7 @@ def test_rendering(folders: dict[str, Path]) -> None:
 
 
 def test_counts_match_the_built_tiny_model(tmp_path: Path) -> None:
-    from dsvl_cli.data.synthetic import generate_synthetic
+    from dsvl_cli.demo.synthetic import generate_synthetic
     from dsvl_cli.model.builder import build_model
 
     generate_synthetic(tmp_path, num=4, seed=0)

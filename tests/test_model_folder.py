@@ -25,7 +25,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from dsvl_cli.config import Config, validate_config
-from dsvl_cli.data.synthetic import generate_synthetic
+from dsvl_cli.demo.synthetic import generate_synthetic
 from dsvl_cli.errors import CheckpointError, ConfigError
 from dsvl_cli.inference.chat import run_chat
 from dsvl_cli.inference.generation import GenerationSettings

@@ -31,7 +31,7 @@ LR, LR_PRETRAINED, WD = 1e-3, 2e-5, 0.05
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dsvl_cli.data.synthetic import generate_synthetic
+    from dsvl_cli.demo.synthetic import generate_synthetic
 
     out = tmp_path_factory.mktemp("shapes")
     generate_synthetic(out, num=8, seed=0)

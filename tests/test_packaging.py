@@ -49,3 +49,17 @@ def test_wheel_contains_recipes(tmp_path: Path) -> None:
     for recipe in (ROOT / "recipes").glob("*.yaml"):
         assert f"dsvl_cli/recipes/{recipe.name}" in names
     assert "dsvl_cli/recipes/__init__.py" in names and "dsvl_cli/cli.py" in names
+
+
+def test_data_does_not_import_model_or_demo() -> None:
+    """data/ is the layer under model/ and the demo: importing all of it loads neither."""
+    code = (
+        "import pkgutil, importlib, sys, dsvl_cli.data as d\n"
+        "for m in pkgutil.walk_packages(d.__path__, 'dsvl_cli.data.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "above = ('dsvl_cli.model', 'dsvl_cli.demo')\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(above))\n"
+        "assert not bad, bad\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

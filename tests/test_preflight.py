@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dsvl_cli.config import load_config
-from dsvl_cli.data.synthetic import generate_synthetic
+from dsvl_cli.demo.synthetic import generate_synthetic
 from dsvl_cli.train.preflight import MissingInputsError, check_inputs, header_commands
 
 ROOT = Path(__file__).parent.parent

@@ -15,8 +15,8 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, read_jsonl  # noqa: E402
-from dsvl_cli.data.shapes import BACKGROUND, COLOURS  # noqa: E402
-from dsvl_cli.data.synthetic import conversation_texts, generate_synthetic  # noqa: E402
+from dsvl_cli.demo.shapes import BACKGROUND, COLOURS  # noqa: E402
+from dsvl_cli.demo.synthetic import conversation_texts, generate_synthetic  # noqa: E402
 from dsvl_cli.errors import DataError  # noqa: E402
 
 NUM = 40

@@ -24,7 +24,7 @@ from dsvl_cli.data.template import (  # noqa: E402
     QUESTION_HEADER,
     SYSTEM_PROMPT,
 )
-from dsvl_cli.model.tiny import build_tiny_clip, build_tiny_lm, train_tiny_tokenizer  # noqa: E402
+from dsvl_cli.demo.tiny_models import build_tiny_clip, build_tiny_lm, train_tiny_tokenizer  # noqa: E402
 
 CORPUS = [
     "What colour is the circle?",

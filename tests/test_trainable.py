@@ -23,7 +23,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from dsvl_cli.config import Config, validate_config
-from dsvl_cli.data.synthetic import generate_synthetic
+from dsvl_cli.demo.synthetic import generate_synthetic
 from dsvl_cli.errors import ConfigError
 from dsvl_cli.model import builder
 from dsvl_cli.model.builder import build_model, enable_gradient_checkpointing

@@ -9,8 +9,8 @@ import torch
 
 from dsvl_cli.config import Config, validate_config
 from dsvl_cli.data.conversation import Conversation, Message
-from dsvl_cli.data.synthetic import generate_synthetic
 from dsvl_cli.data.template import encode_conversation, encode_prompt
+from dsvl_cli.demo.synthetic import generate_synthetic
 from dsvl_cli.errors import CheckpointError, DataError
 from dsvl_cli.model.builder import Built, build_model
 from dsvl_cli.model.hf_compat import cache_kwargs, output_cache

@@ -5,12 +5,12 @@
 `--size 1b`: a LLaMA-shaped LM of about 1.0B parameters (hidden 2048, 20 layers, 16 heads,
 intermediate 5504, the vocabulary of the synthetic task's tokenizer) and a CLIP ViT-L/14-shaped
 vision tower (hidden 1024, 24 layers, 16 heads, patch 14, 224 x 224 images, about 0.30B).
-`--size tiny`: the demo's tiny shapes (`dsvl_cli.model.tiny` defaults), for the CPU smoke run.
+`--size tiny`: the demo's tiny shapes (`dsvl_cli.demo.tiny_models` defaults), for the CPU smoke run.
 
-The builders are `dsvl_cli.model.tiny`'s (same configs, tokenizer and CLIP image processor); here
-they create their tensors on `--device` in `--dtype` (default: the GPU in bf16 when there is one),
-because initialising and saving 1.3B fp32 parameters on the CPU costs a minute of a short GPU
-loan, and bf16 files are half the size to write and to read back.
+The builders are `dsvl_cli.demo.tiny_models`'s (same configs, tokenizer and CLIP image
+processor); here they create their tensors on `--device` in `--dtype` (default: the GPU in bf16
+when there is one), because initialising and saving 1.3B fp32 parameters on the CPU costs a
+minute of a short GPU loan, and bf16 files are half the size to write and to read back.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def build_check_models(
     """
     from transformers import AutoTokenizer
 
-    from dsvl_cli.model.tiny import build_tiny_clip, build_tiny_lm
+    from dsvl_cli.demo.tiny_models import build_tiny_clip, build_tiny_lm
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(data_dir / "models" / "lm")

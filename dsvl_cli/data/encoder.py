@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import replace as replace_fields
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,7 @@ from torch import Tensor
 from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message, escape_typed
 from dsvl_cli.data.image_refs import ImageRefError, image_failure, resolve_image_ref
 from dsvl_cli.data.images import ImageLoadError, load_image
+from dsvl_cli.data.pixel_cache import PixelCache
 from dsvl_cli.data.template import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
@@ -100,6 +103,9 @@ class SampleEncoder:
             an encoder that only renders text (`--show` without a model).
         image_size: (H, W) the transform produces (an int means square).
         max_seq_len, overlength, max_images, max_round_tokens: the template's limits.
+        system_prompt: the system prompt of conversations without their own
+            (`data.system_prompt`); None means the template's default (DSVL's).
+        pixel_cache: keeps transformed images in memory (`data.pixel_cache_mb`, training).
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -111,6 +117,8 @@ class SampleEncoder:
     overlength: Overlength = "drop"
     max_images: int | None = None
     max_round_tokens: int | None = None
+    system_prompt: str | None = None
+    pixel_cache: PixelCache | None = None
 
     @classmethod
     def from_built(cls, built: Built, config: Config | None = None) -> SampleEncoder:
@@ -123,6 +131,7 @@ class SampleEncoder:
                 "overlength": config.data.overlength,
                 "max_images": config.model.max_images_per_sample,
                 "max_round_tokens": config.data.max_round_tokens,
+                "system_prompt": config.data.system_prompt,
             }
         return cls(
             built.tokenizer,
@@ -147,10 +156,16 @@ class SampleEncoder:
 
     # ------------------------------------------------------------------ ids
 
+    def with_system(self, conv: Conversation) -> Conversation:
+        """`conv` with this encoder's system prompt when it has none of its own."""
+        if conv.system is not None or self.system_prompt is None:
+            return conv
+        return replace_fields(conv, system=self.system_prompt)
+
     def encode(self, conv: Conversation) -> Encoded | Skip:
         """Ids and labels of a complete conversation under the limits (`encode_conversation`)."""
         return encode_conversation(
-            conv,
+            self.with_system(conv),
             self.tokenizer,
             self.image_token_id,
             self.tokens_per_image,
@@ -165,7 +180,7 @@ class SampleEncoder:
     ) -> list[int]:
         """Generation ids of an open conversation (`encode_prompt`); DataError if not open."""
         return encode_prompt(
-            conv,
+            self.with_system(conv),
             self.tokenizer,
             self.image_token_id,
             self.tokens_per_image,
@@ -209,15 +224,24 @@ class SampleEncoder:
             raise ValueError("this SampleEncoder has no image transform (text only)")
         tensors = []
         for ref in refs:
-            tensor = self.image_transform(load_image(resolve_image_ref(str(ref), root)))
-            if tuple(tensor.shape) != self.image_shape:
-                # A wiring error (transform vs image_size), not bad data: fail loudly.
-                raise ValueError(
-                    f"image_transform gave shape {tuple(tensor.shape)}, expected "
-                    f"{self.image_shape} (the SampleEncoder's image_size)"
-                )
-            tensors.append(tensor)
+            if self.pixel_cache is None:
+                tensors.append(self._pixels_of(ref, root))
+            else:
+                key = (str(root), str(ref))
+                tensors.append(self.pixel_cache.get(key, partial(self._pixels_of, ref, root)))
         return torch.stack(tensors) if tensors else torch.zeros(0, *self.image_shape)
+
+    def _pixels_of(self, ref: str | Path, root: str | Path) -> Tensor:
+        """One image found, loaded and transformed: [3, H, W]."""
+        assert self.image_transform is not None  # checked by `pixels`
+        tensor = self.image_transform(load_image(resolve_image_ref(str(ref), root)))
+        if tuple(tensor.shape) != self.image_shape:
+            # A wiring error (transform vs image_size), not bad data: fail loudly.
+            raise ValueError(
+                f"image_transform gave shape {tuple(tensor.shape)}, expected "
+                f"{self.image_shape} (the SampleEncoder's image_size)"
+            )
+        return tensor
 
     # ------------------------------------------------------------------ whole samples
 

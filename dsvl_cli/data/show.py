@@ -36,20 +36,13 @@ def show_conversation(conv: Conversation, console: Console, encoder: SampleEncod
 
 
 def show_samples(
-    jsonl: Path,
-    count: int,
-    console: Console,
-    tokenizer_path: Path | None,
-    encoder: SampleEncoder | None = None,
+    jsonl: Path, count: int, console: Console, encoder: SampleEncoder | None = None
 ) -> None:
     """Print the first `count` conversations of a prepared file, supervised text in green.
 
-    `encoder` (a model's) wins over `tokenizer_path`, which gives a text-only encoder.
+    `encoder` (a model's, or `SampleEncoder.for_text(tokenizer)`) gives the exact highlighting;
+    without one the rendered text is shown plain.
     """
-    if encoder is None and tokenizer_path is not None:
-        from dsvl_cli.model.builder import load_tokenizer
-
-        encoder = SampleEncoder.for_text(load_tokenizer(str(tokenizer_path)))
     for conv in islice(read_jsonl(jsonl), count):
         show_conversation(conv, console, encoder)
     if encoder is None:

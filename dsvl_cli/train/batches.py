@@ -9,6 +9,7 @@ placeholder forwards (`placeholder_inputs`) so that every rank runs the same col
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from dsvl_cli.config import Config
 from dsvl_cli.data.collate import Batch, Collator
 from dsvl_cli.data.dataset import ConversationDataset, make_loader
 from dsvl_cli.data.encoder import SampleEncoder
+from dsvl_cli.data.pixel_cache import PixelCache
 from dsvl_cli.data.template import IGNORE_INDEX
 from dsvl_cli.model.builder import Built
 
@@ -38,16 +40,43 @@ class EvalShard(Sampler[int]):
         return len(self.indices)
 
 
-def dataset(config: Config, built: Built, split: Any) -> ConversationDataset:
+def dataset(
+    config: Config, built: Built, split: Any, cache: PixelCache | None = None
+) -> ConversationDataset:
     """The tokenising, image-loading dataset of one blend split (the model's `SampleEncoder`)."""
     encoder = SampleEncoder.from_built(built, config)
+    if cache is not None:
+        encoder = replace(encoder, pixel_cache=cache)
     return ConversationDataset(split.conversations, split.base_dirs, encoder)
 
 
-def train_loader(config: Config, built: Built, split: Any, collator: Collator) -> DataLoader:
-    """This rank's shuffled, drop-last share of a training split."""
+def pixel_cache(config: Config, built: Built, split: Any) -> PixelCache | None:
+    """The run's cache of processed training images (`data.pixel_cache_mb`; None when 0).
+
+    `split` is any epoch's training split: every epoch reads the same images, only grouped
+    differently.
+    """
+    if not config.data.pixel_cache_mb or built.image_transform is None:
+        return None
+    keys = (
+        (str(base), str(ref))
+        for conv, base in zip(split.conversations, split.base_dirs, strict=True)
+        for ref in conv.images
+    )
+    shape = SampleEncoder.from_built(built, config).image_shape
+    return PixelCache(keys, shape, config.data.pixel_cache_mb, shared=config.data.workers > 0)
+
+
+def train_loader(
+    config: Config,
+    built: Built,
+    split: Any,
+    collator: Collator,
+    cache: PixelCache | None = None,
+) -> DataLoader:
+    """This rank's shuffled, drop-last share of a training split (`cache`: see `pixel_cache`)."""
     return make_loader(
-        dataset(config, built, split),
+        dataset(config, built, split, cache),
         batch_size=config.train.micro_batch_size,
         collate_fn=collator,
         shuffle=True,

@@ -118,6 +118,7 @@ class Trainer:
         self.grad_accum = gradient_accumulation_steps(config, self.world)
         first_split = self.blend.train_split(0)
         self.blend_report = blend_manifest(self.blend, 0, first_split)
+        self.pixel_cache = B.pixel_cache(config, self.built, first_split)
         loader_batches = len(B.train_loader(config, self.built, first_split, self.collator))
         check_epoch_fits_a_step(config, self.world, loader_batches)
         # Incomplete accumulation windows at an epoch's end are dropped (see _run_epoch).
@@ -232,7 +233,7 @@ class Trainer:
         """Train one epoch (from the resume point); returns False when the last step is done."""
         cfg, state = self.config.train, self.state
         split = self.blend.train_split(epoch)
-        loader = B.train_loader(self.config, self.built, split, self.collator)
+        loader = B.train_loader(self.config, self.built, split, self.collator, self.pixel_cache)
         skip = state.batches_in_epoch if epoch == state.epoch else 0
         set_epoch(loader, epoch, skip_batches=skip)
         state.epoch, state.batches_in_epoch = epoch, skip

@@ -35,7 +35,7 @@ from random import Random
 from typing import Any
 
 from dsvl_cli.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message, write_jsonl
-from dsvl_cli.data.shapes import Scene, Shape, describe, draw_scene, random_scene
+from dsvl_cli.demo.shapes import Scene, Shape, describe, draw_scene, random_scene
 from dsvl_cli.errors import DataError
 from dsvl_cli.log import get_logger
 
@@ -280,7 +280,7 @@ def _check_args(num: int, eval_fraction: float, image_size: int, mix: Mapping[st
 def _build_models(models_dir: Path, texts: list[str], image_size: int, seed: int) -> dict:
     """Train the tokenizer and save the tiny LM and CLIP tower under `models_dir`."""
     # Imported here: transformers takes seconds to import and is only needed with models.
-    from dsvl_cli.model.tiny import build_tiny_clip, build_tiny_lm, train_tiny_tokenizer
+    from dsvl_cli.demo.tiny_models import build_tiny_clip, build_tiny_lm, train_tiny_tokenizer
 
     tokenizer = train_tiny_tokenizer(texts)
     build_tiny_lm(models_dir / "lm", tokenizer, seed=seed)
