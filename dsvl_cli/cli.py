@@ -17,6 +17,7 @@ from dsvl_cli import __version__
 from dsvl_cli.cli_data import prepare_data_cmd
 from dsvl_cli.cli_multivalue import ImagesCommand
 from dsvl_cli.cli_recipes import recipes_app
+from dsvl_cli.cli_serve import serve_cmd
 from dsvl_cli.errors import ConfigError, DsvlError
 from dsvl_cli.log import console, setup_logging
 
@@ -60,6 +61,7 @@ app.add_typer(recipes_app, name="recipes")
 
 
 app.command("prepare-data")(prepare_data_cmd)
+app.command("serve")(serve_cmd)
 
 
 @app.command("train")

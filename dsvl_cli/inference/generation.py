@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from transformers import GenerationConfig, TextStreamer
+import torch
+from transformers import GenerationConfig, StoppingCriteria, TextStreamer
 
 from dsvl_cli.errors import ConfigError
 
@@ -82,6 +83,45 @@ class GenerationSettings:
         if self.sampling:
             values.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return GenerationConfig(**values)
+
+
+class GenerationCancelled(Exception):
+    """Generation stopped because the caller no longer wants the answer (a client left)."""
+
+
+class StopCriteria(StoppingCriteria):
+    """Ends generation at a stop string in the answer, or raises when the caller cancels.
+
+    Args:
+        tokenizer: decodes the generated ids (special tokens skipped).
+        start: length of the input (history + prompt); later ids are the answer.
+        stop: strings that end the answer (the session cuts the answer before the first).
+        cancelled: called after every token; True raises `GenerationCancelled`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        start: int,
+        stop: tuple[str, ...] = (),
+        cancelled: Callable[[], bool] | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.start = start
+        self.stop = stop
+        self.cancelled = cancelled
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
+        """[batch, length] ids so far -> [batch] bool "done" (batch 1 in chat)."""
+        if self.cancelled is not None and self.cancelled():
+            raise GenerationCancelled("generation cancelled")
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.stop:
+            for row in range(input_ids.shape[0]):
+                ids = input_ids[row, self.start :].tolist()
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                done[row] = any(s in text for s in self.stop)
+        return done
 
 
 class TextPieceStreamer(TextStreamer):

@@ -22,24 +22,29 @@ renumbered from 1, cache rebuilt on the next round (the remaining images are enc
 
 Generation settings are explicit (`dsvl_cli.inference.generation.GenerationSettings`): nothing
 comes from the language model's `generation_config.json`.
+
+A server (`dsvl serve`) rebuilds a client's history with `add_round` (rounds the model did not
+answer here: their ids and images reach the model with the next `ask`, after whatever the cache
+covers), changes settings per request with `configure`, and passes decoded `pixels`, `stop`
+strings and a `cancelled` check to `ask`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import numpy as np
 import torch
 
 from dsvl_cli import __version__
 from dsvl_cli.data.conversation import Conversation, Message, escape_typed
 from dsvl_cli.data.encoder import SampleEncoder, user_content
 from dsvl_cli.errors import ConfigError, DataError
-from dsvl_cli.inference.generation import GenerationSettings, TextPieceStreamer
+from dsvl_cli.inference.generation import GenerationSettings, StopCriteria, TextPieceStreamer
+from dsvl_cli.inference.rounds import ContextOverflow, Plan, Reply, Round, common_prefix
 from dsvl_cli.model.hf_compat import cache_kwargs, output_cache
 
 if TYPE_CHECKING:
@@ -49,68 +54,6 @@ if TYPE_CHECKING:
 Overflow = Literal["error", "drop_oldest"]
 OVERFLOW_MODES: tuple[str, ...] = get_args(Overflow)
 TRANSCRIPT_FORMAT = "dsvl-chat-transcript"
-
-
-class ContextOverflow(DataError):
-    """The next round does not fit; `detail` without the chat advice (eval gives its own)."""
-
-    def __init__(self, detail: str, advice: str) -> None:
-        self.detail = detail
-        super().__init__(f"{detail}; {advice}")
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One answer and how it was produced.
-
-    Attributes:
-        text: the answer, surrounding whitespace stripped.
-        finish_reason: "eos" (the model ended its answer) or "length" (max_new_tokens reached).
-        new_tokens: tokens generated (EOS included).
-        fed_tokens: tokens the model read this round (not in the cache).
-        cached_tokens: tokens reused from the cache.
-        image_numbers: the numbers (`### Image k:`) given to this round's images.
-        dropped_rounds: rounds dropped to make room (overflow "drop_oldest").
-    """
-
-    text: str
-    finish_reason: str
-    new_tokens: int
-    fed_tokens: int
-    cached_tokens: int
-    image_numbers: list[int]
-    dropped_rounds: int = 0
-
-
-@dataclass
-class Round:
-    """A finished round: its text, images and ids (prompt from BOS to `### Answer:\\n`)."""
-
-    question: str
-    images: list[str]
-    pixels: torch.Tensor
-    prompt_ids: list[int]
-    answer: str
-    answer_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "eos"
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two id lists."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(differ[0]) if differ.size else n
-
-
-@dataclass
-class _Plan:
-    """The next round before it runs: kept rounds, their history ids and cache, the prompt."""
-
-    rounds: list[Round]
-    history: list[int]
-    cache: Any
-    dropped: int
-    prompt: list[int]
 
 
 class ChatSession:
@@ -152,6 +95,7 @@ class ChatSession:
         self.device = device or self.model.get_input_embeddings().weight.device
         self.eos = int(self.tokenizer.eos_token_id)
         self.generation_config = self.settings.generation_config(self.tokenizer)
+        self.stop: tuple[str, ...] = ()
         self.rounds: list[Round] = []
         self.history_ids: list[int] = []
         self.dropped_rounds = 0
@@ -198,6 +142,11 @@ class ChatSession:
                 Message("assistant", escape_typed(r.answer)),
             ]
         return Conversation(messages, self.images, id="chat", source="chat", system=self.system)
+
+    def configure(self, settings: GenerationSettings) -> None:
+        """Use `settings` from the next round on (the conversation is kept)."""
+        self.settings = settings
+        self.generation_config = settings.generation_config(self.tokenizer)
 
     def clear(self) -> None:
         """Forget the conversation (images, history, cache)."""
@@ -250,21 +199,30 @@ class ChatSession:
         question: str,
         images: Sequence[str | Path] = (),
         on_text: Callable[[str], None] | None = None,
+        *,
+        pixels: torch.Tensor | None = None,
+        stop: Sequence[str] = (),
+        cancelled: Callable[[], bool] | None = None,
     ) -> Reply:
         """Answer `question` about `images` (attached to this round) given the conversation.
 
-        `on_text` receives the answer piece by piece while it is generated. On any error
-        (bad image, too many images, context overflow, interruption) the conversation is left
-        as it was; the session changes only once the answer is complete.
+        `on_text` receives the answer piece by piece while it is generated. `pixels`
+        ([n, 3, H, W], n = len(images)) are the images already decoded (default: loaded from
+        the paths). Generation ends at the first of `stop` in the answer, which is cut before
+        it. `cancelled` is checked after every token; when it returns True generation stops
+        with `GenerationCancelled`. On any error (bad image, too many images, context
+        overflow, interruption, cancellation) the conversation is left as it was; the session
+        changes only once the answer is complete.
         """
         if not question.strip() and not images:
             raise DataError("empty question: type a question")
         paths = [str(p) for p in images]
         self.check_images(len(paths))
-        pixels = self.load_pixels(paths)
+        pixels = self.load_pixels(paths) if pixels is None else pixels
         plan = self._fit(question, len(paths))
         cached = 0 if plan.cache is None else int(plan.cache.get_seq_length())
-        sequence = self._generate(plan, pixels, on_text)
+        self.stop = tuple(stop)
+        sequence = self._generate(plan, pixels, on_text, cancelled)
         text, finish, new_tokens = self._commit(plan, question, paths, pixels, sequence)
         first = len(self.images) - len(paths) + 1
         return Reply(
@@ -277,14 +235,35 @@ class ChatSession:
             dropped_rounds=plan.dropped,
         )
 
+    def add_round(
+        self, question: str, images: Sequence[str], answer: str, pixels: torch.Tensor | None = None
+    ) -> None:
+        """Append a finished round answered elsewhere (a client's history), as training renders it.
+
+        `pixels` as in `ask`. Nothing runs now: the round's ids and images go through the model
+        with the next `ask`. DataError for too many images or an unreadable image.
+        """
+        paths = [str(p) for p in images]
+        self.check_images(len(paths))
+        pixels = self.load_pixels(paths) if pixels is None else pixels
+        prompt = self.next_prompt(question, len(paths))
+        text = answer.strip()
+        ids = self.answer_ids(text)
+        self.history_ids = self.history_ids + prompt + ids + [self.eos]
+        self.rounds = [*self.rounds, Round(question.strip(), paths, pixels, prompt, text, ids)]
+
+    def next_prompt(self, question: str, num_images: int) -> list[int]:
+        """Prompt ids the next round would have (`question` about `num_images` new images)."""
+        return self._encode(question, num_images, len(self.images) + 1, not self.rounds)
+
     def _encode(
         self, question: str, num_images: int, first_image: int, first_round: bool
     ) -> list[int]:
         return self.encoder.turn(question, num_images, first_image, self.system, first_round)
 
-    def _fit(self, question: str, num_images: int) -> _Plan:
+    def _fit(self, question: str, num_images: int) -> Plan:
         """Plan the round: the prompt, and the rounds kept to make room as `overflow` says."""
-        plan = _Plan(self.rounds, self.history_ids, self._cache, 0, [])
+        plan = Plan(self.rounds, self.history_ids, self._cache, 0, [])
         while True:
             first = sum(len(r.images) for r in plan.rounds) + 1
             plan.prompt = self._encode(question, num_images, first, not plan.rounds)
@@ -301,7 +280,7 @@ class ChatSession:
                 )
             plan = self._without_oldest(plan)
 
-    def _without_oldest(self, plan: _Plan) -> _Plan:
+    def _without_oldest(self, plan: Plan) -> Plan:
         """`plan` minus its first round, the rest re-rendered as a fresh conversation."""
         rounds, history, first = [], [], 1
         for i, r in enumerate(plan.rounds[1:]):
@@ -309,10 +288,14 @@ class ChatSession:
             rounds.append(replace(r, prompt_ids=prompt))
             history += prompt + r.answer_ids + [self.eos]
             first += len(r.images)
-        return _Plan(rounds, history, None, plan.dropped + 1, [])
+        return Plan(rounds, history, None, plan.dropped + 1, [])
 
     def _generate(
-        self, plan: _Plan, pixels: torch.Tensor, on_text: Callable[[str], None] | None
+        self,
+        plan: Plan,
+        pixels: torch.Tensor,
+        on_text: Callable[[str], None] | None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> list[int]:
         """Run `generate` over history + prompt; the full id sequence (`plan.cache` updated)."""
         ids = torch.tensor([plan.history + plan.prompt], device=self.device)
@@ -321,15 +304,15 @@ class ChatSession:
             "attention_mask": torch.ones_like(ids),
             "generation_config": self.generation_config,
         }
-        parts = [pixels]
-        if plan.cache is None:  # no cache (first round, or rebuilt): every kept image goes in
-            parts = [r.pixels for r in plan.rounds] + parts
-        parts = [p for p in parts if p.shape[0]]
+        parts = [p for p in [*self._uncached_pixels(plan), pixels] if p.shape[0]]
         if parts:
             kwargs["pixel_values"] = torch.cat(parts).to(self.device)
         kwargs.update(cache_kwargs(plan.cache))
         if on_text is not None:
             kwargs["streamer"] = TextPieceStreamer(self.tokenizer, on_text)
+        if self.stop or cancelled is not None:
+            stops = StopCriteria(self.tokenizer, ids.shape[1], self.stop, cancelled)
+            kwargs["stopping_criteria"] = [stops]
         torch.manual_seed(self.settings.seed)
         try:
             out = self.model.generate(**kwargs)
@@ -341,9 +324,24 @@ class ChatSession:
         plan.cache = output_cache(out)
         return out.sequences[0].tolist()
 
+    @staticmethod
+    def _uncached_pixels(plan: Plan) -> list[torch.Tensor]:
+        """Pixels of the kept rounds that start after what `plan.cache` covers (all: no cache).
+
+        A cache always covers whole prompts (it is cut in an answer at the earliest), so a
+        round is either in it with its images or entirely after it.
+        """
+        covered = 0 if plan.cache is None else int(plan.cache.get_seq_length())
+        parts, start = [], 0
+        for r in plan.rounds:
+            if start >= covered:
+                parts.append(r.pixels)
+            start += len(r.prompt_ids) + len(r.answer_ids) + 1
+        return parts
+
     def _commit(
         self,
-        plan: _Plan,
+        plan: Plan,
         question: str,
         paths: list[str],
         pixels: torch.Tensor,
@@ -356,7 +354,11 @@ class ChatSession:
         new = sequence[len(plan.history) + len(plan.prompt) :]
         finish = "eos" if self.eos in new else "length"
         generated = new[: new.index(self.eos)] if finish == "eos" else new
-        text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        text = text.strip()
         answer_ids = self.answer_ids(text)
         history = plan.history + plan.prompt + answer_ids + [self.eos]
         self._cache = self._crop(plan.cache, common_prefix(sequence, history))

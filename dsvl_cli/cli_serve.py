@@ -1,0 +1,98 @@
+"""`dsvl serve`: an OpenAI-compatible chat-completions server for a model folder.
+
+Registered on the main app in dsvl_cli/cli.py; the library side is dsvl_cli/serve/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+
+from dsvl_cli.serve.options import (
+    DEFAULT_CACHE,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_QUEUE,
+)
+
+
+def serve_cmd(
+    model: Path | None = typer.Argument(
+        None,
+        help="Model folder: an export or a fused folder (default: the newest under ./outputs).",
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="DSVL_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on /v1/* (or set DSVL_API_KEY).",
+    ),
+    image_root: Path | None = typer.Option(
+        None,
+        "--image-root",
+        help="Allow file:// images, only under this folder (default: file:// refused).",
+    ),
+    model_name: str | None = typer.Option(
+        None,
+        "--model-name",
+        help="The model id clients send (default: RUN/EXPORT, e.g. tiny/final).",
+    ),
+    max_images: int | None = typer.Option(
+        None, "--max-images", help="Images per request, all rounds (default: the model's limit)."
+    ),
+    max_body_bytes: int = typer.Option(
+        DEFAULT_MAX_BODY, "--max-body-bytes", help="Request body limit in bytes (413 above)."
+    ),
+    max_tokens: int = typer.Option(
+        DEFAULT_MAX_TOKENS, "--max-tokens", help="Cap on a request's max_tokens (and its default)."
+    ),
+    queue_size: int = typer.Option(
+        DEFAULT_QUEUE, "--queue-size", help="Requests that may wait (503 when full)."
+    ),
+    cache_sessions: int = typer.Option(
+        DEFAULT_CACHE, "--cache-sessions", help="Finished conversations kept for prefix reuse."
+    ),
+    temperature: float = typer.Option(
+        0.0, "--temperature", help="Default when a request sends none (0 = greedy)."
+    ),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1.0 = off."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | fp32 | bf16 | fp16."),
+    device_map: str | None = typer.Option(
+        None, "--device-map", help="Spread over GPUs: auto|balanced|sequential."
+    ),
+    base_lm: Path | None = typer.Option(
+        None, "--base-lm", help="An export's base LM folder here (replaces model.language_model)."
+    ),
+    base_vision: Path | None = typer.Option(
+        None, "--base-vision", help="An export's vision encoder here (replaces model.vision.path)."
+    ),
+) -> None:
+    """Serve a model over HTTP: OpenAI's /v1/chat/completions (images, rounds, streaming)."""
+    from dsvl_cli.model.discovery import model_or_newest
+    from dsvl_cli.serve.options import ServeOptions
+
+    options = ServeOptions(
+        model_id=model_name or "",
+        host=host,
+        port=port,
+        api_key=api_key,
+        image_root=image_root,
+        max_images=max_images,
+        max_body_bytes=max_body_bytes,
+        max_tokens=max_tokens,
+        queue_size=queue_size,
+        cache_sessions=cache_sessions,
+        temperature=temperature,
+        repetition_penalty=repetition_penalty,
+    )  # bad options: one line, before anything loads
+    model = model_or_newest(model)  # before the heavy imports: no model found is instant
+    from dsvl_cli.serve.server import default_model_id, run_server
+
+    if not model_name:
+        options = replace(options, model_id=default_model_id(model))
+    run_server(model, options, device, dtype, device_map, base_lm, base_vision)

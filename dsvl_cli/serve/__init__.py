@@ -1,0 +1,1 @@
+"""`dsvl serve`: an OpenAI-compatible chat-completions server over `ChatSession` (see server.py)."""
