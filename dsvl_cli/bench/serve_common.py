@@ -70,6 +70,14 @@ def user_message(text: str, image_urls: list[str]) -> dict[str, Any]:
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
+def post_json(url: str, body: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
+    """POST `body` as JSON to `url` and return the JSON answer; HTTPError on a non-2xx status."""
+    headers = {"Content-Type": "application/json"}
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.loads(response.read())
+
+
 @dataclass
 class LoadReport:
     """Outcome of `run_load`: latencies (seconds) of the answered requests, counts, wall time."""

@@ -212,7 +212,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
             "waiting": engine.jobs.qsize(),
             "queue_size": options.queue_size,
             "cached_sessions": len(engine.sessions),
-            "reused_rounds": engine.reused_rounds,
+            **engine.stats,
         }
 
     @app.get("/v1/models", dependencies=[key])

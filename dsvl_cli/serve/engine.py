@@ -101,7 +101,7 @@ class Engine:
         self.sessions = SessionCache(options.cache_sessions)
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=options.queue_size)
         self.running: Job | None = None
-        self.reused_rounds = 0
+        self.stats = {"answered": 0, "failed": 0, "cancelled": 0, "skipped": 0, "reused_rounds": 0}
         self._thread = threading.Thread(target=self._loop, name="dsvl-serve-worker", daemon=True)
 
     def start(self) -> None:
@@ -134,19 +134,18 @@ class Engine:
         while (job := self.jobs.get()) is not None:
             if job.cancel.is_set():
                 log.info("request skipped: its client left while it waited")
+                self.stats["skipped"] += 1
                 continue
             self.running = job
             try:
                 self._answer(job)
-            except ApiError as err:
-                job.emit("error", err)
+                self.stats["answered"] += 1
             except GenerationCancelled:
                 log.info("generation stopped: the client left")
-            except DsvlError as err:
-                job.emit("error", ApiError(400, str(err)))
+                self.stats["cancelled"] += 1
             except Exception as err:  # the worker must outlive any one request
-                log.exception("request failed")
-                job.emit("error", ApiError(500, f"internal error: {type(err).__name__}: {err}"))
+                self.stats["failed"] += 1
+                job.emit("error", _api_error(err))
             finally:
                 self.running = None
 
@@ -182,7 +181,7 @@ class Engine:
                 device=self.loaded.device,
                 encoder=self.encoder,
             )
-        self.reused_rounds += kept
+        self.stats["reused_rounds"] += kept
         for turn in req.history[kept:]:
             self._add(session, turn)
         return session
@@ -218,6 +217,16 @@ class Engine:
             repetition_penalty=self.options.repetition_penalty,
             seed=0 if req.seed is None else req.seed,
         )
+
+
+def _api_error(err: Exception) -> ApiError:
+    """A failed request's error: its own, 400 for bad input (DsvlError), else 500 (logged)."""
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, DsvlError):
+        return ApiError(400, str(err))
+    log.error("request failed", exc_info=err)
+    return ApiError(500, f"internal error: {type(err).__name__}: {err}")
 
 
 def usage(reply: Reply) -> dict[str, Any]:
