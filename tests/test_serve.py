@@ -148,6 +148,44 @@ def test_system_prompt_and_history_not_generated_here(
     assert ask(client, messages, stream=True)[0] == expected[1]
 
 
+def test_history_longer_than_the_cached_conversation(
+    client: openai.OpenAI, loaded: LoadedModel, shapes: Path
+) -> None:
+    """The cache holds round 1; a request with rounds 1-2 as history continues it: round 2 and
+    its image are appended (not generated), only the new ids go through the model."""
+    system = "Reuse test."
+    session = ChatSession(
+        loaded.built,
+        SETTINGS,
+        max_context=loaded.max_context,
+        system=system,
+        encoder=SampleEncoder.from_built(loaded.built, loaded.config),
+    )
+    turns = [
+        ("Which image has the red shape?", [image(shapes, 0), image(shapes, 1)]),
+        ("And this one?", [image(shapes, 2)]),
+        ("What about the fourth?", [image(shapes, 3)]),
+    ]
+    expected = [session.ask(q, paths).text for q, paths in turns]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
+    first = [user_message(turns[0][0], [data_url(p) for p in turns[0][1]])]
+    assert ask(client, messages + first, stream=False)[0] == expected[0]
+    for (question, paths), answer in zip(turns[:2], expected[:2], strict=True):
+        messages += [
+            user_message(question, [data_url(p) for p in paths]),
+            {"role": "assistant", "content": answer},
+        ]
+    messages.append(user_message(turns[2][0], [data_url(turns[2][1][0])]))
+    third, used = ask(client, messages, stream=True)
+    assert third == expected[2]
+    cached = used.prompt_tokens_details.cached_tokens
+    assert (
+        2 * loaded.model.tokens_per_image
+        < cached
+        < len(session.history_ids) - len(session.rounds[-1].prompt_ids)
+    )
+
+
 def refused(client: openai.OpenAI, messages: list[dict[str, Any]], **extra: Any) -> Any:
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model="tiny", messages=messages, **extra)
@@ -164,6 +202,13 @@ def test_bad_images_are_400_and_the_server_keeps_serving(
     garbage = "data:image/png;base64," + base64.b64encode(b"not an image at all").decode()
     err = refused(client, [user_message("What?", [garbage])])
     assert err.status_code == 400 and "not a PNG, JPEG or WebP image" in err.body["message"]
+    history = [
+        user_message("What?", [truncated]),
+        {"role": "assistant", "content": "red"},
+        user_message("And now?", []),
+    ]
+    err = refused(client, history)  # a history image is decoded too (no session holds it)
+    assert err.status_code == 400 and "messages.0 image 1: truncated" in err.body["message"]
     assert ask(client, conversation(shapes, None), stream=False)[0]  # still serving
 
     outside = tmp_path / "secret.png"

@@ -202,6 +202,13 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes)
     _errors(app)
     key = Depends(_key_check(options))
+    _info_routes(app, engine, options, key)
+    _chat_route(app, engine, options, key)
+    return app
+
+
+def _info_routes(app: FastAPI, engine: Engine, options: ServeOptions, key: Any) -> None:
+    """GET /health (no key) and GET /v1/models."""
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -219,6 +226,10 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     async def models() -> dict[str, Any]:
         entry = {"id": options.model_id, "object": "model", "created": 0, "owned_by": "dsvl"}
         return {"object": "list", "data": [entry]}
+
+
+def _chat_route(app: FastAPI, engine: Engine, options: ServeOptions, key: Any) -> None:
+    """POST /v1/chat/completions (see the module docstring)."""
 
     @app.post("/v1/chat/completions", dependencies=[key])
     async def chat_completions(request: Request) -> Response:
@@ -241,8 +252,6 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
                 _sse(job, request, meta), headers=headers, media_type="text/event-stream"
             )
         return await _collect(job, request, meta)
-
-    return app
 
 
 def _errors(app: FastAPI) -> None:

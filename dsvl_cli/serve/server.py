@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from dsvl_cli.serve.options import ServeOptions
 
 log = get_logger(__name__)
+GRACEFUL_S = 10  # seconds open streams get to finish when the server is stopped
 
 
 def build_app(loaded: LoadedModel, options: ServeOptions) -> tuple[FastAPI, Engine]:
@@ -74,7 +75,13 @@ def run_server(
         options.max_tokens,
         "API key required" if options.api_key else "no API key",
     )
-    uvicorn.run(app, host=options.host, port=options.port, log_level="info")
+    uvicorn.run(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level="info",
+        timeout_graceful_shutdown=GRACEFUL_S,
+    )
 
 
 class BackgroundServer:
