@@ -27,6 +27,7 @@ from dsvl_cli.bench.serve_common import data_url, never_stop, run_load, user_mes
 from dsvl_cli.inference.loader import LoadedModel, load_for_inference  # noqa: E402
 from dsvl_cli.serve.options import ServeOptions  # noqa: E402
 from dsvl_cli.serve.server import BackgroundServer, build_app  # noqa: E402
+from dsvl_cli.serve.stream import Deltas  # noqa: E402
 
 LONG = 300  # tokens: a request that holds the worker for seconds on 2 cores
 
@@ -189,3 +190,11 @@ def _listening_url(proc: subprocess.Popen[str]) -> str:
 def test_health_json_is_plain(server: BackgroundServer) -> None:
     state = httpx.get(f"{server.url}/health").json()
     assert json.loads(json.dumps(state)) == state and state["queue_size"] == 1
+
+
+def test_stream_deltas_only_send_what_the_answer_starts_with() -> None:
+    deltas = Deltas(("##",))
+    assert [deltas.add(p) for p in [" red ", "blue #", "# tail"]] == ["red", " blue", ""]
+    assert deltas.finish("red blue") == ""
+    deltas = Deltas()
+    assert [deltas.add("a "), deltas.add("b"), deltas.finish("a b c")] == ["a", " b", " c"]

@@ -5,7 +5,9 @@ queued (`Engine.submit`; at most `queue_size` waiting, 503 beyond); one worker t
 them one at a time, in arrival order. One at a time keeps memory flat (one KV cache growing
 at a time) and every answer exactly what `dsvl chat` gives; `max_tokens` is capped, so the wait
 is bounded: at most `queue_size` answers of at most the cap. A request whose client is gone
-(`Job.cancel`) is skipped when its turn comes, or stops at the next token when it is running.
+(`Job.cancel`) stops at the next token when it is running; one that is still waiting is skipped
+when its turn comes (its queue place is free from then on, so a queue of clients that all left
+drains in moments).
 
 Prefix reuse: after each answer the session (`ChatSession`: history ids, KV cache, pixels)
 goes into `SessionCache` keyed by the conversation it holds (system prompt + every round's
@@ -126,7 +128,8 @@ class Engine:
         except queue.Full:
             raise ApiError(
                 503,
-                f"the server is busy: {self.options.queue_size} requests are waiting; retry later",
+                f"the server is busy: the queue is full ({self.options.queue_size} requests "
+                "waiting, --queue-size); retry later",
                 code="queue_full",
             ) from None
 
@@ -203,10 +206,11 @@ class Engine:
         limit = self.loaded.max_context
         wanted = req.max_tokens or min(self.options.max_tokens, limit - used)
         if wanted < 1 or used + wanted > limit:
+            answer = f" + {wanted} to answer" if req.max_tokens else ", no room to answer"
             raise ApiError(
                 400,
-                f"context full: {used} tokens of conversation (images included) + {max(wanted, 1)} "
-                f"to answer > {limit}; send fewer rounds or images, or a lower max_tokens",
+                f"context full: {used} tokens of conversation (images included){answer}; the "
+                f"model takes {limit}: send fewer rounds or images, or a lower max_tokens",
                 "messages",
                 "context_length_exceeded",
             )
