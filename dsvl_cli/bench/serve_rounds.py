@@ -8,8 +8,9 @@ round adds one new image and the previous answer). The same conversation runs ag
 with the session cache (`--cache-sessions 8`: the unchanged prefix's KV and image features are
 reused) and one without (`0`: every request encodes everything). Answers never end early (EOS
 is made unreachable on the tiny model), so both do the same generation work, and both must give
-the same answers. Prints, per round: prompt tokens, tokens read from the cache, and the median
-latency over `--repeat` conversations for each server.
+the same answers. The two servers run side by side and take turns, one conversation each, so other
+load on the machine slows both alike. Prints, per round: prompt tokens, tokens read from the
+cache, and the median latency over `--repeat` conversations for each server.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=Path, help="folder of PNGs (default: the tiny task's)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--repeat", type=int, default=3, help="conversations per server")
+    p.add_argument("--repeat", type=int, default=5, help="conversations per server")
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
 
@@ -59,18 +60,24 @@ def conversation(url: str, images: list[str], rounds: int, max_tokens: int) -> l
     return results
 
 
-def measure(loaded: Any, images: list[str], args: argparse.Namespace, cache: int) -> list[Any]:
-    """`args.repeat` conversations against a server with `cache` cached sessions."""
+def measure(loaded: Any, images: list[str], args: argparse.Namespace) -> tuple[list[Any], ...]:
+    """`args.repeat` conversations on each of two servers (session cache 8 and 0), alternated
+    so that anything else running on the machine slows both alike."""
     from dsvl_cli.serve.options import ServeOptions
     from dsvl_cli.serve.server import BackgroundServer, build_app
 
-    options = ServeOptions(model_id="bench", cache_sessions=cache, max_tokens=args.max_tokens)
-    app, _ = build_app(loaded, options)
-    with BackgroundServer(app) as srv:
-        conversation(srv.url, images, 1, args.max_tokens)  # warm-up
-        return [
-            conversation(srv.url, images, args.rounds, args.max_tokens) for _ in range(args.repeat)
-        ]
+    apps = [
+        build_app(loaded, ServeOptions("bench", cache_sessions=cache, max_tokens=args.max_tokens))
+        for cache in (8, 0)
+    ]
+    runs: tuple[list[Any], list[Any]] = ([], [])
+    with BackgroundServer(apps[0][0]) as reuse, BackgroundServer(apps[1][0]) as fresh:
+        for srv in (reuse, fresh):
+            conversation(srv.url, images, 1, args.max_tokens)  # warm-up
+        for _ in range(args.repeat):
+            for srv, out in zip((reuse, fresh), runs, strict=True):
+                out.append(conversation(srv.url, images, args.rounds, args.max_tokens))
+    return runs
 
 
 def table(reused: list[Any], fresh: list[Any]) -> str:
@@ -101,8 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         loaded = load_for_inference(folder, device=args.device, dtype="fp32")
         if args.model is None:
             never_stop(loaded)
-        reused = measure(loaded, images, args, cache=8)
-        fresh = measure(loaded, images, args, cache=0)
+        reused, fresh = measure(loaded, images, args)
     same = [[r["answer"] for r in run] for run in reused] == [
         [r["answer"] for r in run] for run in fresh
     ]
