@@ -21,6 +21,7 @@ MODEL_OPT = typer.Argument(
     None,
     help="Model folder: an export or a fused folder (default: the newest under ./outputs).",
 )
+UI_OPT = typer.Option(False, "--ui", help="Also serve a web chat page at / (images, rounds).")
 HOST_OPT = typer.Option("127.0.0.1", "--host", help="Address to listen on.")
 PORT_OPT = typer.Option(8000, "--port", help="Port to listen on.")
 API_KEY_OPT = typer.Option(
@@ -90,6 +91,7 @@ def serve_cmd(
     device_map: str | None = DEVICE_MAP_OPT,
     base_lm: Path | None = BASE_LM_OPT,
     base_vision: Path | None = BASE_VISION_OPT,
+    ui: bool = UI_OPT,
 ) -> None:
     """Serve a model over HTTP: OpenAI's /v1/chat/completions (images, rounds, streaming)."""
     from dsvl_cli.model.discovery import model_or_newest
@@ -108,6 +110,7 @@ def serve_cmd(
         cache_sessions=cache_sessions,
         temperature=temperature,
         repetition_penalty=repetition_penalty,
+        ui=ui,
     )  # bad options: one line, before anything loads
     model = model_or_newest(model)  # before the heavy imports: no model found is instant
     from dsvl_cli.serve.server import default_model_id, run_server

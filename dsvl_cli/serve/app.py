@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/chat/completions`` (JSON, or server-sent events with `stream: true`: a first
 chunk with the role, one chunk per text piece, a last chunk with `finish_reason`, an optional
-usage chunk, then ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (no key needed).
+usage chunk, then ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (no key needed),
+and with `ui` the web chat page at ``GET /`` (`ui.py`).
 Errors are OpenAI's JSON (`ApiError.body`) with their status, for every route and any input.
 
 A request waits for its first worker event before the response starts, so an image that does not
@@ -33,6 +34,7 @@ from dsvl_cli.serve.engine import Engine, Job, usage
 from dsvl_cli.serve.errors import ApiError
 from dsvl_cli.serve.protocol import parse_completion
 from dsvl_cli.serve.stream import Deltas
+from dsvl_cli.serve.ui import add_ui
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -204,6 +206,8 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     key = Depends(_key_check(options))
     _info_routes(app, engine, options, key)
     _chat_route(app, engine, options, key)
+    if options.ui:
+        add_ui(app, options)
     return app
 
 

@@ -28,6 +28,7 @@ class ServeOptions:
         queue_size: requests that may wait for the generation worker (503 when full).
         cache_sessions: finished conversations kept for prefix reuse (0: none).
         temperature, repetition_penalty: decoding defaults (a request's temperature wins).
+        ui: also serve the web chat page at ``/`` (`dsvl_cli.serve.ui`).
     """
 
     model_id: str
@@ -42,6 +43,7 @@ class ServeOptions:
     cache_sessions: int = DEFAULT_CACHE
     temperature: float = 0.0
     repetition_penalty: float = 1.0
+    ui: bool = False
 
     def __post_init__(self) -> None:
         problems = [
