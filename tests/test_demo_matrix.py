@@ -13,15 +13,38 @@ from pathlib import Path
 import pytest
 
 from dsvl_cli.demo import matrix
+from dsvl_cli.demo.synthetic import generate_synthetic
 
 
 def test_cells_pass_only_when_every_goal_and_the_chat_answer_are_met() -> None:
     good = matrix.Cell(0, 2, dict(matrix.GOALS), matrix.CHAT_ANSWER, {})
     assert good.passed
     low = matrix.Cell(0, 2, {**matrix.GOALS, "two_image": 0.89}, matrix.CHAT_ANSWER, {})
-    wrong = matrix.Cell(0, 2, dict(matrix.GOALS), "The image with the yellow square is the second.")
+    wrong = matrix.Cell(0, 2, dict(matrix.GOALS), "The image with the blue square is the first.")
     missing = matrix.Cell(0, 2, {"single": 1.0}, matrix.CHAT_ANSWER, {})
     assert not any(c.passed for c in (low, wrong, missing))
+
+
+def test_the_readme_chat_question_is_about_held_out_images_and_has_one_answer(
+    tmp_path: Path,
+) -> None:
+    generate_synthetic(tmp_path, num=matrix.NUM, seed=0, with_models=False)
+    names = [Path(p).name for p in matrix.CHAT_IMAGES]
+    held_out = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    train = (tmp_path / "train.jsonl").read_text()
+    assert not any(name in train for name in names)  # never trained on
+    scenes = {
+        Path(ref).name: scene
+        for row in held_out
+        for ref, scene in zip(row["images"], row["meta"]["scenes"], strict=True)
+    }
+    has = [any((s["colour"], s["shape"]) == ("blue", "square") for s in scenes[n]) for n in names]
+    blues = [any(s["colour"] == "blue" for s in scenes[n]) for n in names]
+    squares = [any(s["shape"] == "square" for s in scenes[n]) for n in names]
+    assert has == [False, True] and blues == [True, True] and squares == [True, True]
+    assert matrix.CHAT_ANSWER.endswith("the second.")
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert matrix.CHAT_PROMPT in readme and f"--num {matrix.NUM}" in readme
 
 
 @pytest.mark.slow

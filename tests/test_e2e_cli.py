@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-QUESTION = "Which image has a yellow square, the first or the second?"
+QUESTION = "Which image has a blue square, the first or the second?"
 
 
 def dsvl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

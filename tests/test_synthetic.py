@@ -75,12 +75,12 @@ def test_type_mix_split_and_balance(dataset):
     train, held_out, _ = load(dataset)
     everything = train + held_out
     by_type = {t: [c for c in everything if c.meta["type"] == t] for t in ("single", "two_image")}
-    assert len(by_type["single"]) == 14 and len(by_type["two_image"]) == 14  # 35% of 40 each
+    assert len(by_type["single"]) == 12 and len(by_type["two_image"]) == 12  # 30 % of 40 each
     assert sum(c.meta["type"] == "multi_round" for c in everything) == 6
-    assert sum(c.meta["type"] == "caption" for c in everything) == 6
+    assert sum(c.meta["type"] == "caption" for c in everything) == 10
     answers = [c.meta["answer"] for c in by_type["two_image"]]
-    assert sum(a.endswith("is the first.") for a in answers) == 7
-    assert sum(a.endswith("is the second.") for a in answers) == 7
+    assert sum(a.endswith("is the first.") for a in answers) == 6
+    assert sum(a.endswith("is the second.") for a in answers) == 6
     assert {c.meta["type"] for c in held_out} == {"single", "two_image", "multi_round", "caption"}
     assert len(held_out) == 4  # 10% of each type, at least one each
     ids = [c.id for c in everything]

@@ -30,8 +30,11 @@ log = logging.getLogger("dsvl_cli.demo.matrix")
 GOALS = {"single": 0.95, "two_image": 0.90, "multi_round": 0.90, "caption": 0.95}
 NUM = 8000  # the README's `--num`
 CHAT_IMAGES = ("data/shapes/images/000000.png", "data/shapes/images/000001.png")
-CHAT_PROMPT = "Which image has a yellow square, the first or the second?"
-CHAT_ANSWER = "The image with the yellow square is the first."
+# The README's chat question, about the two images of a held-out conversation (shapes-000000):
+# both images hold a blue shape and a square, only the second a blue square: colour alone or shape
+# alone cannot answer it.
+CHAT_PROMPT = "Which image has a blue square, the first or the second?"
+CHAT_ANSWER = "The image with the blue square is the second."
 
 
 @dataclass
@@ -70,12 +73,12 @@ def _dsvl(args: list[str], work: Path, threads: int, log_file: Path) -> tuple[st
     return done.stdout, seconds
 
 
-def run_cell(work: Path, seed: int, threads: int) -> Cell:
-    """Train, evaluate and chat for one seed and thread count."""
-    cell, name = Cell(seed, threads), f"s{seed}-t{threads}"
+def run_cell(work: Path, seed: int, threads: int, overrides: list[str]) -> Cell:
+    """Train (with `overrides`), evaluate and chat for one seed and thread count."""
+    cell, name = Cell(seed, threads), f"s{seed}-t{threads}" + "".join(f"-{o}" for o in overrides)
     out, logs = Path("outputs") / f"tiny-{name}", work / "logs"
     seeds = [f"train.seed={seed}", f"data.seed={seed}"] if seed else []
-    args = ["train", "tiny", f"train.output_dir={out}", "train.overwrite=true", *seeds]
+    args = ["train", "tiny", f"train.output_dir={out}", "train.overwrite=true", *seeds, *overrides]
     cell.seconds["train"] = _dsvl(args, work, threads, logs / f"{name}-train.log")[1]
     results = Path("eval-results") / name
     args = ["eval", str(out / "final"), "--data", "data/shapes/eval.jsonl"]
@@ -110,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("demo-matrix"), help="working folder")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument(
+        "--override", action="append", default=[], help="train key=value (e.g. model.mmca=false)"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = args.work.absolute()
@@ -120,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     cells = []
     for seed in args.seeds:
         for threads in args.threads:
-            cells.append(run_cell(work, seed, threads))
+            cells.append(run_cell(work, seed, threads, args.override))
             log.info("%s", row(cells[-1]))
-    report = {"goals": GOALS, "prepare_seconds": seconds, "cells": [asdict(c) for c in cells]}
+    report = {"goals": GOALS, "prepare_seconds": seconds, "overrides": args.override}
+    report["cells"] = [asdict(c) for c in cells]
     (work / "matrix.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     missed = [c for c in cells if not c.passed]
     log.info("%d of %d runs met every goal", len(cells) - len(missed), len(cells))
