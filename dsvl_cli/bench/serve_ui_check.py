@@ -129,8 +129,24 @@ def ask_in_page(browser: Browser, question: str, images: Sequence[Path]) -> str:
     return answer
 
 
-def check_ui(out: Path, chromium: str = "chromium") -> tuple[list[str], list[str]]:
-    """(answers in the page, answers of `dsvl chat`'s session); writes `out`/serve_ui.png."""
+TINY_TURNS = [("Which image has the red shape?", [0, 1]), ("And what is in this one?", [2])]
+# With a trained demo export and the README's images 000000-000002 (`--model`, `--images`).
+DEMO_TURNS = [
+    ("Which image has a blue square, the first or the second?", [0, 1]),
+    ("What colour is the circle?", [2]),
+]
+
+
+def check_ui(
+    out: Path,
+    chromium: str = "chromium",
+    model: Path | None = None,
+    images: list[Path] | None = None,
+) -> tuple[list[str], list[str]]:
+    """(answers in the page, answers of `dsvl chat`'s session); writes `out`/serve_ui.png.
+
+    Without `model`, a random tiny export and its images; with it, `images` (three paths).
+    """
     from dsvl_cli.bench.serve_common import tiny_export
     from dsvl_cli.data.encoder import SampleEncoder
     from dsvl_cli.inference.generation import GenerationSettings
@@ -139,10 +155,13 @@ def check_ui(out: Path, chromium: str = "chromium") -> tuple[list[str], list[str
     from dsvl_cli.serve.options import ServeOptions
     from dsvl_cli.serve.server import BackgroundServer, build_app
 
-    turns = [("Which image has the red shape?", [0, 1]), ("And what is in this one?", [2])]
+    turns = TINY_TURNS if model is None else DEMO_TURNS
     with tempfile.TemporaryDirectory() as tmp:
-        folder = tiny_export(Path(tmp))
-        images = sorted((Path(tmp) / "images").glob("*.png"))
+        if model is None:
+            folder = tiny_export(Path(tmp))
+            images = sorted((Path(tmp) / "images").glob("*.png"))
+        else:
+            folder, images = model, list(images or [])
         loaded = load_for_inference(folder, device="cpu", dtype="fp32")
         settings = GenerationSettings(max_new_tokens=12)
         session = ChatSession(
@@ -169,12 +188,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dsvl_cli.bench.serve_ui_check", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("serve-ui-check"))
     p.add_argument("--chromium", default="chromium")
+    p.add_argument("--model", type=Path, help="a trained demo export (default: random tiny)")
+    p.add_argument("--images", type=Path, nargs=3, help="with --model: three images")
     args = p.parse_args(argv)
     setup_logging("WARNING")
     if shutil.which(args.chromium) is None:
         print(f"{args.chromium} not found (Debian: apt-get install chromium)", file=sys.stderr)
         return 2
-    answers, expected = check_ui(args.out, args.chromium)
+    if (args.model is None) != (args.images is None):
+        p.error("--model and --images go together")
+    answers, expected = check_ui(args.out, args.chromium, args.model, args.images)
     print(f"page answers: {answers}\nchat answers: {expected}")
     print(f"screenshot: {args.out / 'serve_ui.png'}")
     return 0 if answers == expected else 1
