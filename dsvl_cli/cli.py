@@ -98,6 +98,9 @@ def train_cmd(
         raise ConfigError(missing_recipe_message())
     recipe_file = resolve_recipe(recipe)  # a shipped recipe's name becomes its absolute path
     config = load_config(recipe_file, overrides or [])
+    from dsvl_cli.model.lm_support import check_if_present
+
+    check_if_present(config.model)  # an LM feature MMCA cannot run: one line, before anything
     if cpu_procs is not None:
         from dsvl_cli.train.deepspeed_bugs import check_gloo_zero3
 

@@ -51,6 +51,19 @@ class ModelConfig(_Strict):
     mmca: MMCAConfig = MMCAConfig()
     max_seq_len: int = Field(default=4096, gt=0)
     max_images_per_sample: int = Field(default=8, gt=0)
+    attn_implementation: str | None = Field(
+        default=None,
+        description="the LM's attention with mmca off (sdpa, eager, flash_attention_2, ...); "
+        "null: the LM's best supported (SDPA, else eager)",
+    )
+
+    @model_validator(mode="after")
+    def _attention_without_mmca(self) -> ModelConfig:
+        if self.attn_implementation is not None and self.mmca.enabled:
+            raise ValueError(
+                "attn_implementation applies with model.mmca=false only (MMCA is the attention)"
+            )
+        return self
 
     @field_validator("mmca", mode="before")
     @classmethod

@@ -24,9 +24,14 @@ from dsvl_cli.data.template import IMAGE_TOKEN
 from dsvl_cli.errors import CheckpointError, ConfigError
 from dsvl_cli.log import get_logger
 from dsvl_cli.model.hf_compat import enable_activation_checkpointing
+from dsvl_cli.model.lm_support import (
+    attention_implementation,
+    check_language_model,
+    refuse_attention,
+)
 from dsvl_cli.model.mmca import MMCA_ATTN_NAME, register_mmca
 from dsvl_cli.model.projector import build_projector
-from dsvl_cli.model.trainable import set_trainable
+from dsvl_cli.model.trainable import adapted_modules, block_linear_names, set_trainable
 from dsvl_cli.model.vision import ImageTransform
 from dsvl_cli.model.vision_loader import load_vision_encoder
 from dsvl_cli.model.vlm import NewTokenEmbedding, VisualChatModel
@@ -34,8 +39,10 @@ from dsvl_cli.model.vlm import NewTokenEmbedding, VisualChatModel
 log = get_logger(__name__)
 hf_logging.disable_progress_bar()  # dsvl shows its own progress; no per-file loading bars
 
-# PEFT target modules per part when `lora.<part>.target_modules` is null.
-LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# PEFT target modules per part when `lora.<part>.target_modules` is null. The LM: PEFT's
+# "all-linear" (every Linear layer but the output head), which resolves per architecture: LLaMA's
+# q/k/v/o and gate/up/down projections, Phi3's fused qkv_proj and gate_up_proj, ...
+LM_LORA_TARGETS = "all-linear"
 # nn.MultiheadAttention reads its out_proj weight directly (LoRA there would do nothing), so
 # open_clip adapts the MLPs and qwen_vit its ViT blocks' plain Linear layers only.
 VISION_LORA_TARGETS: dict[str, list[str] | str] = {
@@ -86,12 +93,22 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 def load_language_model(
     cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype
 ) -> nn.Module:
-    """The causal LM, attention set to MMCA or SDPA, embeddings resized for the new tokens."""
+    """The causal LM, embeddings resized for the new tokens.
+
+    Attention: MMCA, or with MMCA off `model.attn_implementation` or the LM's best supported
+    (`lm_support.attention_implementation`). An LM feature MMCA cannot run is refused first.
+    """
     folder = _require_folder(cfg.language_model, "language model", ("config.json",))
+    check_language_model(cfg)
     if cfg.mmca.enabled:
         register_mmca()
-    attn = MMCA_ATTN_NAME if cfg.mmca.enabled else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+    attn = attention_implementation(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+    except (ValueError, ImportError) as err:
+        if attn is None or attn == MMCA_ATTN_NAME:
+            raise
+        raise refuse_attention(cfg, err) from None
     model.config.mmca_image_attends_text = cfg.mmca.image_attends_text
     if model.config.max_position_embeddings < cfg.max_seq_len:
         log.warning(
@@ -237,7 +254,7 @@ def _add_lora(model: VisualChatModel, part: str, settings: LoraSettings, vision_
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = settings.target_modules or (
+    targets: list[str] | str = settings.target_modules or (
         LM_LORA_TARGETS if part == "language_model" else VISION_LORA_TARGETS[vision_kind]
     )
     lora = LoraConfig(
@@ -255,9 +272,18 @@ def _add_lora(model: VisualChatModel, part: str, settings: LoraSettings, vision_
             f"lora.{part}.target_modules {targets} do not fit the {part} ({reason}); list "
             "names of its Linear layers (e.g. q_proj, v_proj)"
         ) from None
-    count = sum(1 for name, _ in submodule.named_modules() if name.endswith("lora_A"))
-    if count == 0:
+    adapted = adapted_modules(submodule)
+    if not adapted:
         raise ConfigError(
             f"lora.{part}.target_modules {targets} matched no layer of the {part}; "
             "list module names that exist in the model (e.g. q_proj, v_proj)"
+        )
+    missed = sorted(set(block_linear_names(submodule)) - set(adapted))
+    if part == "language_model" and missed:
+        log.warning(
+            "lora.language_model.target_modules %s adapt %s but not %s of the decoder blocks; "
+            "target_modules: null adapts every linear layer",
+            targets,
+            ", ".join(adapted),
+            ", ".join(missed),
         )

@@ -50,6 +50,32 @@ LORA_MARK = "lora_"
 _SHOWN = 3  # parameter names quoted in an error
 
 
+def adapted_modules(module: nn.Module) -> dict[str, int]:
+    """Short name (last dotted part) of each module holding a LoRA adapter -> how many."""
+    found: dict[str, int] = {}
+    for name, child in module.named_modules():
+        if hasattr(child, "lora_A") and name:
+            short = name.rsplit(".", 1)[-1]
+            found[short] = found.get(short, 0) + 1
+    return found
+
+
+def block_linear_names(module: nn.Module) -> set[str]:
+    """Short names of the Linear layers inside numbered blocks (`layers.3.mlp.up_proj` ...).
+
+    The output head and other layers outside the repeated blocks are left out; a LoRA-wrapped
+    layer counts under its own name (PEFT nests the original as `base_layer`).
+    """
+    names = set()
+    for name, child in module.named_modules():
+        parts = name.split(".")
+        in_block = any(part.isdigit() for part in parts)
+        is_linear = isinstance(child, nn.Linear) or hasattr(child, "lora_A")
+        if in_block and is_linear and parts[-1] not in ("base_layer",) and LORA_MARK not in name:
+            names.add(parts[-1])
+    return names
+
+
 def component_of(name: str, param: nn.Parameter, table: nn.Parameter) -> str:
     """The component (see the module doc) that `param`, named `name` in the model, belongs to."""
     if param is table:

@@ -11,8 +11,11 @@ Attention: with MMCA the LM runs the registered `dsvl_mmca` attention function; 
 (0 pad, 1 text, 2 image) cover every key position, cached ones included, and grow by one text
 position per generated token (derived from the full id sequence at every generation step).
 
-Loss: logits are computed only at supervised positions (never a full fp32 [B, L, V] tensor);
-`loss_sum` and `num_tokens` are returned so the trainer can normalise by the global token count.
+Logits: always the LM's own `ForCausalLM.forward` (its head and its logit post-processing:
+Gemma2's final softcapping, Granite's `logits_scaling`, Cohere's `logit_scale`), asked through
+`logits_to_keep` for the positions needed only: in training those whose next token is supervised
+in some row of the batch (never a full fp32 [B, L, V] tensor). `loss_sum` and `num_tokens` are
+returned so the trainer can normalise by the global token count.
 """
 
 from __future__ import annotations
@@ -193,7 +196,7 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
         past_key_values: Any = None,
         position_ids: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> VisualChatOutput:
         """Embed, place images, run the LM; loss over supervised positions when labels given.
@@ -214,23 +217,26 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
                 raise ValueError("modality_ids covering cached positions are required with a cache")
             modality_ids = self.modality_ids(input_ids, attention_mask)
         lm_kwargs = self._attention_kwargs(modality_ids, input_ids.shape[1], attention_mask)
-        decoder = self.language_model.get_decoder()
-        hidden = decoder(
+        if labels is not None:
+            # Positions whose next token is supervised in some row: the LM's own head and logit
+            # post-processing (softcapping, logit scaling) run there only.
+            keep = labels[:, 1:] != IGNORE_INDEX
+            logits_to_keep = keep.any(dim=0).nonzero().flatten()
+        lm_out = self.language_model(
             inputs_embeds=embeds,
             position_ids=position_ids,
             **cache_kwargs(cache),
             use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
             **lm_kwargs,
             **kwargs,
         )
-        states = hidden.last_hidden_state
-        out = VisualChatOutput(**{CACHE_NAME: output_cache(hidden)})
+        out = VisualChatOutput(**{CACHE_NAME: output_cache(lm_out)})
         if labels is not None:
-            out.loss_sum, out.num_tokens = self._loss(states, labels)
+            out.loss_sum, out.num_tokens = self._loss(lm_out.logits, labels, logits_to_keep)
             out.loss = out.loss_sum / out.num_tokens.clamp(min=1)
         else:
-            keep = states if logits_to_keep == 0 else states[:, -logits_to_keep:]
-            out.logits = self.get_output_embeddings()(keep)
+            out.logits = lm_out.logits
         return out
 
     def _attention_kwargs(
@@ -248,22 +254,20 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
         return {"mmca_masks": masks, "modality_ids": modality_ids}
 
     def _loss(
-        self, states: torch.Tensor, labels: torch.Tensor
+        self, logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of next-token cross-entropy over supervised positions, and their count.
 
-        Logits are computed for supervised positions only; a batch with none gives 0 (not NaN)
-        while keeping the graph connected (every rank must run the same backward).
+        `logits` [B, K, V] are the LM's at `positions` [K] (those supervised in some row);
+        entries not supervised in their own row are dropped. A batch with no supervised
+        position gives 0 (not NaN) with the graph still connected through the LM and its head
+        (every rank must run the same backward: ZeRO-1/2 reduce gradients in matching buckets).
         """
-        targets = labels[:, 1:]
+        targets = labels[:, 1:][:, positions]
         keep = targets != IGNORE_INDEX
-        picked = states[:, :-1][keep]
-        logits = self.get_output_embeddings()(picked).float()
-        loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
-        if picked.shape[0] == 0:
-            # Zero, but through the output layer too: every trainable weight gets a gradient on
-            # every rank (ZeRO-1/2 reduce gradients in buckets that must match across ranks).
-            loss_sum = (states.sum() + logits.sum()) * 0.0
+        loss_sum = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+        if positions.numel() == 0:
+            loss_sum = logits.sum() * 0.0
         return loss_sum, keep.sum()
 
     # ------------------------------------------------------------------ generation

@@ -40,6 +40,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from dsvl_cli.config import Config
 from dsvl_cli.errors import ConfigError, DataError
 from dsvl_cli.log import get_logger
+from dsvl_cli.model.trainable import adapted_modules
 from dsvl_cli.model.vlm import NewTokenEmbedding
 
 log = get_logger(__name__)
@@ -207,4 +208,14 @@ def trainable_table(model: nn.Module, groups: Iterable[dict[str, Any]]) -> Table
         all_trainable, all_total = all_trainable + trainable, all_total + total
     share = 100.0 * all_trainable / all_total if all_total else 0.0
     table.add_row("all", "", f"{all_trainable:,}", f"{all_total:,} ({share:.2f}% trained)", "", "")
+    _lora_rows(table, model)
     return table
+
+
+def _lora_rows(table: Table, model: nn.Module) -> None:
+    """One row per part with LoRA adapters: which modules got them (and how many of each)."""
+    for part, child in model.named_children():
+        adapted = adapted_modules(child)
+        if adapted:
+            listed = ", ".join(f"{name} x{count}" for name, count in sorted(adapted.items()))
+            table.add_row(f"LoRA in {part}", str(sum(adapted.values())), listed, "", "", "")

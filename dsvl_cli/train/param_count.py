@@ -66,8 +66,13 @@ def _folder_config(path: str, what: str, read: Callable[[Path], Any]) -> tuple[P
         raise _Unknown(f"unknown ({folder / 'config.json'} unreadable: {err})") from None
 
 
-def _meta_language_model(path: str) -> tuple[nn.Module, LayerShape, str]:
-    """The LM on meta, resized to the tokenizer as the builder does; its shape; a note."""
+def _meta_language_model(
+    path: str, attn_implementation: str | None = None
+) -> tuple[nn.Module, LayerShape, str]:
+    """The LM on meta, resized to the tokenizer as the builder does; its shape; a note.
+
+    `attn_implementation`: `model.attn_implementation` (None: the LM's best supported one).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dsvl_cli.model.builder import load_tokenizer
@@ -81,7 +86,13 @@ def _meta_language_model(path: str) -> tuple[nn.Module, LayerShape, str]:
     lm_config = copy.deepcopy(lm_config)
     lm_config.get_text_config().vocab_size = vocab  # what resize_token_embeddings gives
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(lm_config, attn_implementation="sdpa")
+        # The parameters do not depend on the attention; None lets transformers pick one the
+        # LM supports (SDPA, else eager; a hard-wired "sdpa" fails on e.g. Gemma2).
+        attn = attn_implementation
+        try:
+            model = AutoModelForCausalLM.from_config(lm_config, attn_implementation=attn)
+        except (ValueError, ImportError) as err:
+            raise _Unknown(f"unknown ({folder}: attention {attn}: {err})") from None
     text = lm_config.get_text_config()
     intermediate = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
     shape = LayerShape(
@@ -220,7 +231,9 @@ def count_parameters(config: Config) -> ModelCount:
     lm = encoder = None
     reasons: dict[str, str] = {}
     try:
-        lm, found.lm, note = _meta_language_model(config.model.language_model)
+        lm, found.lm, note = _meta_language_model(
+            config.model.language_model, config.model.attn_implementation
+        )
         found.notes += [note] if note else []
     except _Unknown as err:
         reasons["language_model"] = str(err)
