@@ -206,7 +206,10 @@ def test_open_clip_loads_weights_file(open_clip_json: Path, tmp_path: Path) -> N
 def test_open_clip_errors(open_clip_json: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs open_clip_model"):
         load_vision_encoder("open_clip", str(open_clip_json))
-    with pytest.raises(CheckpointError, match="weights file .* not found"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"w\.bin not found; the vision path must be a local open_clip checkpoint",
+    ):
         load_vision_encoder("open_clip", str(tmp_path / "w.bin"), open_clip_model="ViT-B-32")
     weights = tmp_path / "w.bin"
     torch.save({"bogus": torch.zeros(1)}, weights)

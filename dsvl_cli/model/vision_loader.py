@@ -20,7 +20,7 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip.transformer import VisionTransformer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from dsvl_cli.errors import CheckpointError, ConfigError
@@ -33,6 +33,13 @@ from dsvl_cli.model.vision import (
     OpenClipVisionEncoder,
     QwenVisionEncoder,
     VisionEncoder,
+)
+from dsvl_cli.model.weights_file import (
+    READ_ERRORS,
+    first_line,
+    mismatch_line,
+    open_clip_visual,
+    read_weights,
 )
 
 log = get_logger(__name__)
@@ -50,6 +57,10 @@ _CLIP_HINT = (
     "(e.g. openai/clip-vit-large-patch14)"
 )
 _QWEN_HINT = "for kind 'qwen_vit' write the folder with 'dsvl extract-qwen'"
+OPEN_CLIP_FILE = (
+    "a local open_clip checkpoint file (.safetensors, .bin or .pt), e.g. "
+    "open_clip_pytorch_model.bin"
+)
 
 
 def load_vision_encoder(
@@ -74,16 +85,18 @@ def load_vision_encoder(
                 "vision kind 'open_clip' needs open_clip_model: a model name such as ViT-L-14 "
                 "or the path of an open_clip model-config JSON"
             )
-        if not path or not Path(path).is_file():
-            raise CheckpointError(
-                f"open_clip weights file {path} not found; the vision path must be a local "
-                "open_clip checkpoint (.safetensors, .bin or .pt), e.g. open_clip_pytorch_model.bin"
-            )
+        if not path:
+            raise ConfigError(f"vision kind 'open_clip' needs model.vision.path: {OPEN_CLIP_FILE}")
         return build_open_clip_encoder(open_clip_model, path, dtype)
     raise ConfigError(f"unknown vision kind {kind!r}; choose one of {', '.join(VISION_KINDS)}")
 
 
 def _folder(path: str | None, hint: str) -> Path:
+    if path and Path(path).is_file():
+        raise CheckpointError(
+            f"vision encoder path {path} is a file, but this kind needs a folder; {hint} "
+            "(an open_clip weights file is model.vision.kind=open_clip)"
+        )
     if not path or not Path(path).is_dir():
         raise CheckpointError(f"vision encoder folder {path} does not exist; {hint}")
     return Path(path)
@@ -117,9 +130,14 @@ def load_clip(path: str | None, dtype: torch.dtype) -> tuple[ClipVisionEncoder, 
         )
     _require(folder, HF_WEIGHT_FILES, _CLIP_HINT)
     _require(folder, ("preprocessor_config.json",), _CLIP_HINT)
-    model, info = CLIPVisionModel.from_pretrained(
-        folder, dtype=dtype, local_files_only=True, output_loading_info=True
-    )
+    try:
+        model, info = CLIPVisionModel.from_pretrained(
+            folder, dtype=dtype, local_files_only=True, output_loading_info=True
+        )
+    except READ_ERRORS as err:
+        raise CheckpointError(
+            f"{folder} does not load as a CLIP vision tower ({first_line(err)}); {_CLIP_HINT}"
+        ) from None
     if info["missing_keys"]:
         raise CheckpointError(
             f"{folder} lacks {len(info['missing_keys'])} CLIP vision weights "
@@ -143,13 +161,12 @@ def qwen_config(folder: Path) -> QwenViTConfig:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a `.safetensors` file, or of a `.bin`/`.pt` file read with weights_only=True."""
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
-    return state
+    """Tensors of a `.safetensors` file, or of a `.bin`/`.pt` file read with weights_only=True.
+
+    Raises:
+        CheckpointError: the file is empty, unreadable or not a tensor dict (one line).
+    """
+    return read_weights(path, "the qwen_vit weights 'dsvl extract-qwen' writes")
 
 
 def key_mismatches(
@@ -248,23 +265,43 @@ def open_clip_layer_config(name: str) -> CLIPVisionConfig:
 def build_open_clip_encoder(
     model_ref: str, weights: str | None, dtype: torch.dtype | None = None
 ) -> tuple[OpenClipVisionEncoder, ImageTransform]:
-    """Build an open_clip image tower; `weights=None` leaves it randomly initialised (tests)."""
+    """Build an open_clip image tower; `weights=None` leaves it randomly initialised (tests).
+
+    The weights file is read here, not by open_clip: only its `visual.*` tensors are needed
+    (an image-tower-only file loads too), and every problem is one line (`weights_file`).
+    """
     name = open_clip_name(model_ref)
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=weights, pretrained_text=False, weights_only=True
-        )
-    except RuntimeError as err:  # open_clip's strict load reports key mismatches this way
-        raise CheckpointError(f"{weights} does not load into open_clip {name}: {err}") from err
+    state = None
+    if weights is not None:  # read first: a bad file is reported before the model is built
+        state = open_clip_visual(read_weights(Path(weights), OPEN_CLIP_FILE), Path(weights), name)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     visual = model.visual
     if not isinstance(visual, VisionTransformer):
         raise ConfigError(
             f"open_clip model {name} has a {type(visual).__name__} image tower; "
             "only VisionTransformer towers are supported"
         )
-    if weights is None:
+    if state is None:
         log.warning("open_clip model %s is randomly initialised (no weights file)", name)
+    else:
+        _load_visual(visual, state, weights, name)
     # ln_post and proj act on the pooled token only, which dsvl never uses: drop them.
     visual.prune_intermediate_layers(indices=1, prune_norm=True, prune_head=True)
     encoder = OpenClipVisionEncoder(visual.to(dtype or torch.float32), open_clip_layer_config(name))
     return encoder, preprocess
+
+
+def _load_visual(
+    visual: torch.nn.Module, state: dict[str, torch.Tensor], weights: str | None, name: str
+) -> None:
+    """Load the image tower strictly; a mismatch is one line naming shapes and keys."""
+    problem = mismatch_line(visual, state)
+    if problem:
+        width = getattr(visual, "transformer", None)
+        width = getattr(width, "width", "?")
+        raise CheckpointError(
+            f"{weights} does not load into open_clip {name} (image tower width {width}): "
+            f"{problem}; set model.vision.open_clip_model to the architecture the file was "
+            "trained with"
+        )
+    visual.load_state_dict(state, strict=True)
