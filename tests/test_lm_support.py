@@ -100,6 +100,17 @@ def test_phi3_lora_default_adapts_fused_layers(shapes: Path) -> None:
     built = build(family_config(shapes, lm, trainable={"language_model": "lora"}))
     adapted = adapted_modules(built.model.language_model)
     assert adapted == {"qkv_proj": 2, "o_proj": 2, "gate_up_proj": 2, "down_proj": 2}
+    # The trainable table printed at the start of training says so.
+    from rich.console import Console
+
+    from dsvl_cli.train.optim import param_groups, trainable_table
+
+    console = Console(width=200, record=True)
+    config = family_config(shapes, lm, trainable={"language_model": "lora"})
+    console.print(trainable_table(built.model, param_groups(built.model, config)))
+    text = console.export_text()
+    assert "LoRA in language_model" in text
+    assert "down_proj x2, gate_up_proj x2, o_proj x2, qkv_proj x2" in text
 
 
 def test_partial_lora_targets_are_reported(shapes: Path, caplog: pytest.LogCaptureFixture) -> None:

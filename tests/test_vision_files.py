@@ -143,3 +143,28 @@ def test_chat_with_an_empty_weights_file(tiny: tuple[Path, dict], tmp_path: Path
     assert "empty (0 bytes)" in out.stderr and "Traceback" not in out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "empty.bin is empty" in errors[0], out.stderr
+
+
+def test_qwen_vit_folder_with_bad_weights(tmp_path: Path) -> None:
+    from dsvl_cli.model.qwen_vit import QwenViT, QwenViTConfig
+    from dsvl_cli.model.vision_loader import save_qwen_vit_folder
+
+    config = QwenViTConfig(
+        image_size=28,
+        patch_size=14,
+        width=32,
+        layers=1,
+        heads=4,
+        mlp_size=64,
+        n_queries=4,
+        output_dim=48,
+        output_heads=4,
+    )
+    folder = tmp_path / "qwen"
+    save_qwen_vit_folder(folder, config, QwenViT(config).state_dict())
+    load_vision_encoder("qwen_vit", str(folder))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    with pytest.raises(CheckpointError) as err:
+        load_vision_encoder("qwen_vit", str(folder))
+    one_line(err, str(weights), "not a readable weights file", "extract-qwen")

@@ -264,21 +264,23 @@ def _add_lora(model: VisualChatModel, part: str, settings: LoraSettings, vision_
         target_modules=targets,
     )
     submodule = getattr(model, part)
+    linear = sorted(block_linear_names(submodule))
+    names = f"its blocks' linear layers are {', '.join(linear)}" if linear else "name its layers"
     try:
         inject_adapter_in_model(lora, submodule, adapter_name=part)
     except ValueError as err:  # PEFT's NoMatchingPeftModuleError is a ValueError
         reason = str(err).split(". ")[0]
         raise ConfigError(
-            f"lora.{part}.target_modules {targets} do not fit the {part} ({reason}); list "
-            "names of its Linear layers (e.g. q_proj, v_proj)"
+            f"lora.{part}.target_modules {targets} do not fit the {part} ({reason}); {names} "
+            "(null: the default)"
         ) from None
     adapted = adapted_modules(submodule)
     if not adapted:
         raise ConfigError(
-            f"lora.{part}.target_modules {targets} matched no layer of the {part}; "
-            "list module names that exist in the model (e.g. q_proj, v_proj)"
+            f"lora.{part}.target_modules {targets} matched no layer of the {part}; {names} "
+            "(null: the default)"
         )
-    missed = sorted(set(block_linear_names(submodule)) - set(adapted))
+    missed = sorted(set(linear) - set(adapted))
     if part == "language_model" and missed:
         log.warning(
             "lora.language_model.target_modules %s adapt %s but not %s of the decoder blocks; "
