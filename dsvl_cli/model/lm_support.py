@@ -93,15 +93,22 @@ def check_if_present(cfg: ModelConfig) -> None:
         check_language_model(cfg)
 
 
-def attention_implementation(cfg: ModelConfig) -> str | None:
+def attention_implementation(cfg: ModelConfig, lm_config: Any | None = None) -> str | None:
     """`attn_implementation` to build the LM with.
 
     MMCA's registered name when MMCA is on; otherwise `model.attn_implementation`, or None,
-    which makes transformers pick the model's best supported one (SDPA, else eager).
+    which makes transformers pick the model's best supported one (SDPA, else eager), except
+    that attention-logit softcapping needs eager: some transformers releases (5.17) let Gemma2
+    run SDPA, which drops the softcap silently. `lm_config` defaults to the folder's.
     """
     if cfg.mmca.enabled:
         return MMCA_ATTN_NAME
-    return cfg.attn_implementation
+    if cfg.attn_implementation is not None:
+        return cfg.attn_implementation
+    lm_config = lm_config if lm_config is not None else read_lm_config(cfg.language_model)
+    if getattr(lm_config, "attn_logit_softcapping", None) is not None:
+        return "eager"
+    return None
 
 
 def refuse_attention(cfg: ModelConfig, err: Exception) -> ConfigError:
