@@ -246,12 +246,16 @@ def _masks_for_call(module: Any, query: Tensor, key: Tensor, kwargs: dict[str, A
 
 def _check_supported(kwargs: dict[str, Any], kv_len: int) -> None:
     if kwargs.get("softcap") is not None:
-        raise ValueError(f"attention '{MMCA_ATTN_NAME}' does not implement logit softcapping")
+        raise ValueError(
+            f"attention '{MMCA_ATTN_NAME}' does not implement logit softcapping: set "
+            "model.mmca=false (dsvl refuses such an LM when the config is checked)"
+        )
     window = kwargs.get("sliding_window")
     if window is not None and kv_len > window:
         raise ValueError(
             f"attention '{MMCA_ATTN_NAME}' does not implement sliding-window attention and "
-            f"{kv_len} keys exceed the model's sliding_window={window}: shorten the sequences"
+            f"{kv_len} keys exceed the model's sliding_window={window}: shorten the sequences "
+            "(model.max_seq_len) or set model.mmca=false"
         )
 
 
