@@ -30,7 +30,9 @@ from lm_matrix_helpers import (  # noqa: E402
 from dsvl_cli.demo.lm_families import FAMILIES  # noqa: E402
 from dsvl_cli.demo.synthetic import generate_synthetic  # noqa: E402
 from dsvl_cli.model.builder import Built  # noqa: E402
+from dsvl_cli.model.lm_support import check_language_model  # noqa: E402
 from dsvl_cli.model.trainable import adapted_modules  # noqa: E402
+from dsvl_cli.train.param_count import count_parameters  # noqa: E402
 
 TOLERANCE = 1e-4  # fp32, same weights and kernels up to summation order
 
@@ -104,6 +106,9 @@ def run_family(shapes: Path, family: str, mmca: bool) -> dict[str, object]:
     """Every check of one matrix cell; returns what the README table shows."""
     lm = family_folder(shapes, family)
     config = family_config(shapes, lm, model={"mmca": mmca}, trainable={"language_model": "lora"})
+    # What `--dry-run` does with the config: accepted, every part counted.
+    check_language_model(config.model)
+    assert all(part.total is not None for part in count_parameters(config).parts)
     built = build(config)
     logit_diff = max_logit_difference(built, lm)
     assert logit_diff < TOLERANCE, f"{family}: logits differ from the LM's own by {logit_diff}"

@@ -157,6 +157,9 @@ def test_dry_run_refuses_and_accepts(shapes: Path) -> None:
     assert "sliding_window=32" in refused.stderr and "Traceback" not in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     gemma2 = family_folder(shapes, "gemma2", "gemma2-softcap", **GEMMA2_DEFAULT)
+    softcap = dry_run(shapes, gemma2)
+    assert softcap.returncode == 2 and "attn_logit_softcapping=50.0" in softcap.stderr
+    assert len(softcap.stderr.strip().splitlines()) == 1, softcap.stderr
     accepted = dry_run(shapes, gemma2, "model.mmca=false")
     assert accepted.returncode == 0, accepted.stderr
     assert "unknown" not in accepted.stdout.split("language_model", 1)[-1].split("\n", 1)[0]
