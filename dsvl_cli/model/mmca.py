@@ -36,6 +36,11 @@ Implementations: "dense" (SDPA with boolean [B,1,Lq,Lk] masks; CPU, any device, 
 "flex" (FlexAttention block masks, compiled on CUDA; forward-only on CPU). "auto" picks flex on
 CUDA when Lq > 1 and dense otherwise (decode steps are cheap and would recompile flex).
 
+Packing: `sequence_ids` [B, Lk] (1, 2, ... per conversation of a packed row, 0 on pads) add one
+rule to both branches: a key is visible only to queries of the same sequence, and "has a key"
+is judged within the query's own sequence. None (every unpacked forward, and decoding) means
+one sequence per row.
+
 Sliding-window and softcapped models are refused with a clear error (neither is implemented).
 transformers builds no attention mask for an implementation without a mask function registered
 under the same name (`masking_utils._preprocess_mask_arguments` returns None early), which is what
@@ -87,9 +92,29 @@ class MMCAMasks:
     image_queries: Tensor
 
 
-def visible(query_ok: Tensor, key_ok: Tensor, query_pos: Tensor, key_pos: Tensor) -> Tensor:
+def visible(
+    query_ok: Tensor,
+    key_ok: Tensor,
+    query_pos: Tensor,
+    key_pos: Tensor,
+    same_sequence: Tensor | bool = True,
+) -> Tensor:
     """The MMCA visibility rule of one branch (broadcasting; also the flex mask_mod body)."""
-    return query_ok & key_ok & (key_pos <= query_pos)
+    return query_ok & key_ok & (key_pos <= query_pos) & same_sequence
+
+
+def sequence_starts(sequence_ids: Tensor) -> Tensor:
+    """LongTensor [B, L]: index of the first position of each position's (contiguous) sequence."""
+    pos = torch.arange(sequence_ids.shape[-1], device=sequence_ids.device).expand_as(sequence_ids)
+    is_start = torch.ones_like(sequence_ids, dtype=torch.bool)
+    is_start[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    return torch.where(is_start, pos, 0).cummax(dim=-1).values
+
+
+def sequence_positions(sequence_ids: Tensor) -> Tensor:
+    """LongTensor [B, L]: position ids restarting at 0 for every sequence of a packed row."""
+    pos = torch.arange(sequence_ids.shape[-1], device=sequence_ids.device)
+    return pos - sequence_starts(sequence_ids)
 
 
 def _branch_sides(
@@ -102,18 +127,33 @@ def _branch_sides(
     return (is_text, is_image), (text_branch_queries, is_text)
 
 
-def _has_keys(query_ok: Tensor, key_ok: Tensor, q_len: int) -> Tensor:
-    """bool [B, 1, Lq, 1]: the query may use the branch and some key at or before it is in it."""
-    seen = key_ok.cumsum(dim=-1) > 0
-    return (query_ok & seen)[:, None, -q_len:, None]
+def _has_keys(query_ok: Tensor, key_ok: Tensor, q_len: int, starts: Tensor | None) -> Tensor:
+    """bool [B, 1, Lq, 1]: the query may use the branch and some key at or before it (in its
+    own sequence when `starts`, from `sequence_starts`, is given) is in it."""
+    counts = key_ok.long().cumsum(dim=-1)
+    if starts is not None:
+        # keys of this branch before the sequence's first position belong to earlier sequences
+        counts = counts - (counts - key_ok.long()).gather(-1, starts)
+    return (query_ok & (counts > 0))[:, None, -q_len:, None]
 
 
-def _dense_branch(query_ok: Tensor, key_ok: Tensor, has_keys: Tensor, q_len: int) -> Tensor:
+def _same_sequence(sequence_ids: Tensor | None, q_len: int) -> Tensor | bool:
+    """bool [B, 1, Lq, Lk] (True when not packed): query and key are in the same sequence."""
+    if sequence_ids is None:
+        return True
+    return sequence_ids[:, None, -q_len:, None] == sequence_ids[:, None, None, :]
+
+
+def _dense_branch(
+    query_ok: Tensor, key_ok: Tensor, has_keys: Tensor, q_len: int, same: Tensor | bool
+) -> Tensor:
     """bool [B, 1, Lq, Lk] mask of one branch; empty rows get their own position as a dummy key."""
     kv_len = key_ok.shape[-1]
     key_pos = torch.arange(kv_len, device=key_ok.device)
     query_pos = key_pos[kv_len - q_len :, None]
-    mask = visible(query_ok[:, None, -q_len:, None], key_ok[:, None, None, :], query_pos, key_pos)
+    mask = visible(
+        query_ok[:, None, -q_len:, None], key_ok[:, None, None, :], query_pos, key_pos, same
+    )
     # Some SDPA kernels return NaN for a row with no key (and NaN gradients even if the row is
     # later discarded). A dummy key keeps every row finite; `_dense_mmca` zeroes these rows, so
     # their upstream gradient is 0 and the dummy key receives none.
@@ -134,6 +174,7 @@ def build_mmca_masks(
     *,
     image_attends_text: bool = True,
     impl: MaskImpl = "auto",
+    sequence_ids: Tensor | None = None,
 ) -> MMCAMasks:
     """Build both MMCA branch masks once for a model forward (vectorised, no host sync).
 
@@ -142,6 +183,8 @@ def build_mmca_masks(
         q_len: number of queries (the last q_len keys); None means Lk (training, prefill).
         image_attends_text: image queries also attend to earlier text (the original's behaviour).
         impl: "dense", "flex", or "auto" (flex on CUDA when q_len > 1, dense otherwise).
+        sequence_ids: LongTensor [B, Lk], the conversation of each position in a packed row
+            (contiguous runs; 0 on pads); None: one sequence per row.
 
     Returns:
         The masks to pass as `mmca_masks=` to the language model's forward.
@@ -158,15 +201,24 @@ def build_mmca_masks(
     q_len = kv_len if q_len is None else q_len
     if not 0 < q_len <= kv_len:
         raise ValueError(f"q_len must be in [1, {kv_len}] (the modality ids' length), got {q_len}")
+    if sequence_ids is not None and sequence_ids.shape != modality_ids.shape:
+        raise ValueError(
+            f"sequence_ids {tuple(sequence_ids.shape)} must match modality_ids "
+            f"{tuple(modality_ids.shape)} (one id per key)"
+        )
     resolved = _resolve_impl(impl, modality_ids.device, q_len)
     (a_query, a_key), (b_query, b_key) = _branch_sides(modality_ids, image_attends_text)
-    has_a, has_b = _has_keys(a_query, a_key, q_len), _has_keys(b_query, b_key, q_len)
+    starts = None if sequence_ids is None else sequence_starts(sequence_ids)
+    has_a = _has_keys(a_query, a_key, q_len, starts)
+    has_b = _has_keys(b_query, b_key, q_len, starts)
     if resolved == "flex":
-        image_branch = branch_block_mask(visible, query_ok=a_query, key_ok=a_key, q_len=q_len)
-        text_branch = branch_block_mask(visible, query_ok=b_query, key_ok=b_key, q_len=q_len)
+        seq = {"q_len": q_len, "sequence_ids": sequence_ids}
+        image_branch = branch_block_mask(visible, query_ok=a_query, key_ok=a_key, **seq)
+        text_branch = branch_block_mask(visible, query_ok=b_query, key_ok=b_key, **seq)
     else:
-        image_branch = _dense_branch(a_query, a_key, has_a, q_len)
-        text_branch = _dense_branch(b_query, b_key, has_b, q_len)
+        same = _same_sequence(sequence_ids, q_len)
+        image_branch = _dense_branch(a_query, a_key, has_a, q_len, same)
+        text_branch = _dense_branch(b_query, b_key, has_b, q_len, same)
     image_queries = (modality_ids == IMAGE)[:, None, -q_len:, None]
     return MMCAMasks(
         resolved, q_len, kv_len, image_branch, text_branch, has_a, has_b, image_queries
@@ -228,10 +280,12 @@ def _masks_for_call(module: Any, query: Tensor, key: Tensor, kwargs: dict[str, A
                 "build_mmca_masks(modality_ids) (or modality_ids=) to the language model's forward"
             )
         config = getattr(module, "config", None)
+        sequence_ids = kwargs.get("sequence_ids")
         masks = build_mmca_masks(
             modality_ids.to(query.device),
             query.shape[2],
             image_attends_text=getattr(config, "mmca_image_attends_text", True),
+            sequence_ids=None if sequence_ids is None else sequence_ids.to(query.device),
         )
     batch = query.shape[0]
     mask_batch = masks.image_queries.shape[0]
@@ -273,7 +327,8 @@ def mmca_attention(
         attention_mask: ignored (padding comes from modality id 0; see module docstring).
         scaling: softmax scale (None means 1/sqrt(D)).
         dropout: attention dropout probability (dense only).
-        **kwargs: `mmca_masks=` (preferred) or `modality_ids=` [B, Lk]; other layer kwargs.
+        **kwargs: `mmca_masks=` (preferred) or `modality_ids=` [B, Lk] (and, packed,
+            `sequence_ids=` [B, Lk]); other layer kwargs.
 
     Returns:
         (attn_output [B, Lq, Hq, D], None).

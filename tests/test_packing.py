@@ -1,0 +1,205 @@
+"""Sequence packing: a packed row equals its conversations run one by one (MMCA on and off)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsvl_cli.config import Config, validate_config
+from dsvl_cli.data.collate import Batch, Collator
+from dsvl_cli.data.conversation import Conversation, Message
+from dsvl_cli.data.encoder import Sample, SampleEncoder
+from dsvl_cli.data.packing import PackedCollator
+from dsvl_cli.data.template import IGNORE_INDEX
+from dsvl_cli.demo.synthetic import generate_synthetic
+from dsvl_cli.model.builder import Built, build_model
+from dsvl_cli.model.hf_compat import packed_causal_mask
+from dsvl_cli.model.mmca import IMAGE, PAD, TEXT, build_mmca_masks, sequence_positions
+from dsvl_cli.train.batches import model_inputs
+
+FLEX_CPU_WARNING = "ignore:flex_attention called without torch.compile"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    generate_synthetic(out, num=12, seed=0)
+    return out
+
+
+def make_config(shapes: Path, mmca: bool) -> Config:
+    return validate_config(
+        {
+            "model": {
+                "language_model": str(shapes / "models/lm"),
+                "vision": {"kind": "clip", "path": str(shapes / "models/vision")},
+                "max_seq_len": 512,
+                "mmca": mmca,
+            },
+            "data": {"system_prompt": ""},
+        }
+    )
+
+
+def build(shapes: Path, mmca: bool) -> tuple[Built, Config]:
+    torch.manual_seed(0)
+    config = make_config(shapes, mmca)
+    return build_model(config), config
+
+
+def conversations() -> list[Conversation]:
+    """Images in several conversations of a row, a multi-image one, a text-only one between."""
+
+    def conv(cid: str, question: str, answer: str, images: list[str]) -> Conversation:
+        return Conversation(
+            [Message("user", "<image>\n" * len(images) + question), Message("assistant", answer)],
+            images=images,
+            id=cid,
+        )
+
+    return [
+        conv("a", "Which image has a red square?", "the first", ["images/000000.png"] * 2),
+        conv("b", "How many sides has a triangle?", "three", []),
+        conv("c", "What colour is it?", "blue", ["images/000002.png"]),
+        conv("d", "Name a shape.", "circle", []),
+    ]
+
+
+def samples(built: Built, config: Config, shapes: Path) -> list[Sample]:
+    encoder = SampleEncoder.from_built(built, config)
+    out = [encoder.sample(c, shapes) for c in conversations()]
+    assert all(isinstance(s, Sample) for s in out)
+    return out  # type: ignore[return-value]
+
+
+def run(built: Built, batch: Batch, labels: bool) -> object:
+    inputs = model_inputs(batch, built, torch.device("cpu"), "fp32")
+    if not labels:
+        inputs.pop("labels")
+    with torch.no_grad():
+        return built.model(**inputs)
+
+
+@pytest.mark.parametrize("mmca", [True, False])
+def test_packed_rows_equal_conversations_one_by_one(shapes: Path, mmca: bool) -> None:
+    built, config = build(shapes, mmca)
+    built.model.eval()
+    items = samples(built, config, shapes)
+    pad = built.tokenizer.pad_token_id
+    # Two rows of unequal length (the second is padded): [a, b, c] and [d].
+    packed = PackedCollator(pad)([items[:3], items[3:]])
+    assert packed.sequence_ids is not None and packed.position_ids is not None
+    assert packed.num_images.tolist() == [3, 0]
+    logits = run(built, packed, labels=False).logits  # type: ignore[attr-defined]
+    total_sum, total_tokens = 0.0, 0
+    for index, sample in enumerate(items):
+        row, seq = (0, index + 1) if index < 3 else (1, 1)
+        alone = Collator(pad)([sample])
+        expected = run(built, alone, labels=False).logits[0]  # type: ignore[attr-defined]
+        where = packed.sequence_ids[row] == seq
+        assert packed.position_ids[row][where].tolist() == list(range(expected.shape[0]))
+        torch.testing.assert_close(logits[row][where], expected, atol=1e-5, rtol=1e-5)
+        out = run(built, alone, labels=True)
+        total_sum += float(out.loss_sum)  # type: ignore[attr-defined]
+        total_tokens += int(out.num_tokens)  # type: ignore[attr-defined]
+    out = run(built, packed, labels=True)
+    assert int(out.num_tokens) == total_tokens  # type: ignore[attr-defined]
+    assert float(out.loss_sum) == pytest.approx(total_sum, rel=1e-5)  # type: ignore[attr-defined]
+    assert float(out.loss) == pytest.approx(total_sum / total_tokens, rel=1e-5)  # type: ignore[attr-defined]
+
+
+def test_labels_never_cross_a_boundary(shapes: Path) -> None:
+    built, config = build(shapes, True)
+    items = samples(built, config, shapes)
+    packed = PackedCollator(built.tokenizer.pad_token_id)([items])
+    seq, labels = packed.sequence_ids[0], packed.labels[0]  # type: ignore[index]
+    first = torch.ones_like(seq, dtype=torch.bool)
+    first[1:] = seq[1:] != seq[:-1]
+    assert (labels[first] == IGNORE_INDEX).all()
+    assert packed.ids == ["a", "b", "c", "d"] and packed.size == 4
+
+
+def packed_modality() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows: [text, image, text | image, text, text | pad] and [text | image, text, pad]."""
+    T, I = TEXT, IMAGE  # noqa: E741
+    modality = torch.tensor([[T, I, I, T, I, T, T, PAD], [T, T, I, I, T, T, PAD, PAD]])
+    sequence = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 0], [1, 2, 2, 2, 2, 2, 0, 0]])
+    return modality, sequence
+
+
+def cross(sequence: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, L, L]: query and key in different sequences."""
+    return sequence[:, None, :, None] != sequence[:, None, None, :]
+
+
+@pytest.mark.filterwarnings(FLEX_CPU_WARNING)
+def test_no_mask_crosses_a_boundary() -> None:
+    modality, sequence = packed_modality()
+    masks = build_mmca_masks(modality, impl="dense", sequence_ids=sequence)
+    real = (sequence > 0)[:, None, :, None]
+    for mask in (masks.image_branch, masks.text_branch):
+        # only the dummy diagonal key of an empty row may be set outside the query's sequence
+        assert not (mask & cross(sequence) & real).any()
+    # the image of sequence 2 has no earlier image in its own sequence: the text at position 5
+    # sees image 4 only; position 3 (sequence 1) sees images 1, 2, never image 4
+    assert masks.image_branch[0, 0, 5].nonzero().flatten().tolist() == [4]
+    assert masks.image_branch[0, 0, 3].nonzero().flatten().tolist() == [1, 2]
+    # row 1: sequence 2 starts with text after sequence 1's text: no image key for position 1
+    assert not bool(masks.has_image_keys[1, 0, 1, 0])
+    # the flex masks apply the same rule: evaluate their mask_mod on every (query, key)
+    flex = build_mmca_masks(modality, impl="flex", sequence_ids=sequence)
+    b, q, kv = torch.arange(2)[:, None, None], torch.arange(8)[None, :, None], torch.arange(8)
+    pairs = (
+        (masks.image_branch, flex.image_branch, masks.has_image_keys),
+        (masks.text_branch, flex.text_branch, masks.has_text_keys),
+    )
+    for dense, block, has_keys in pairs:
+        rule = block.mask_mod(b, None, q, kv[None, None, :])[:, None]
+        assert torch.equal(rule, dense & has_keys)
+
+
+def test_flex_matches_dense_with_sequences_on_cpu() -> None:
+    modality, sequence = packed_modality()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+    from dsvl_cli.model.mmca import mmca_attention
+
+    outs = [
+        mmca_attention(
+            None,
+            q,
+            k,
+            v,
+            None,
+            mmca_masks=build_mmca_masks(modality, impl=impl, sequence_ids=sequence),
+        )[0]
+        for impl in ("flex", "dense")
+    ]
+    real = sequence > 0
+    torch.testing.assert_close(outs[0][real], outs[1][real], atol=1e-5, rtol=1e-5)
+
+
+def test_causal_packed_mask_is_block_diagonal(shapes: Path) -> None:
+    built, _ = build(shapes, False)
+    _, sequence = packed_modality()
+    lm = built.model.language_model
+    embeds = torch.zeros(2, 8, lm.config.hidden_size)
+    mask = packed_causal_mask(
+        lm.config, embeds, (sequence > 0).long(), sequence_positions(sequence), sequence
+    )
+    assert mask.dtype == torch.bool and mask.shape == (2, 1, 8, 8)
+    real = (sequence > 0)[:, None, :, None]
+    assert not (mask & cross(sequence) & real).any()
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    same = ~cross(sequence) & real & (sequence > 0)[:, None, None, :]
+    assert torch.equal(mask & real, causal & same)
+
+
+def test_positions_restart_per_sequence() -> None:
+    _, sequence = packed_modality()
+    assert sequence_positions(sequence).tolist() == [
+        [0, 1, 2, 3, 0, 1, 2, 0],
+        [0, 0, 1, 2, 3, 4, 0, 1],
+    ]
