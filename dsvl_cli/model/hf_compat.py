@@ -15,7 +15,6 @@ import dataclasses
 from typing import Any
 
 import torch
-
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 _FIELDS = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
