@@ -11,9 +11,11 @@ from dsvl_cli.config import Config, validate_config
 from dsvl_cli.data.collate import Batch, Collator
 from dsvl_cli.data.conversation import Conversation, Message
 from dsvl_cli.data.encoder import Sample, SampleEncoder
-from dsvl_cli.data.packing import PackedCollator
+from dsvl_cli.data.grouping import LengthGroupedSampler, grouped_batches
+from dsvl_cli.data.packing import PackedCollator, PackedRowSampler, first_fit_decreasing, pack_epoch
 from dsvl_cli.data.template import IGNORE_INDEX
 from dsvl_cli.demo.synthetic import generate_synthetic
+from dsvl_cli.errors import ConfigError
 from dsvl_cli.model.builder import Built, build_model
 from dsvl_cli.model.hf_compat import packed_causal_mask
 from dsvl_cli.model.mmca import IMAGE, PAD, TEXT, build_mmca_masks, sequence_positions
@@ -203,3 +205,69 @@ def test_positions_restart_per_sequence() -> None:
         [0, 1, 2, 3, 0, 1, 2, 0],
         [0, 0, 1, 2, 3, 4, 0, 1],
     ]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+LENGTHS = [300, 40, 2100, 900, 520, 60, 1300, 270, 280, 33, 1700, 500] * 5
+
+
+def test_plan_is_whole_conversations_within_capacity_and_deterministic() -> None:
+    rows = pack_epoch(LENGTHS, 2048, seed=3, epoch=0)
+    placed = sorted(i for row in rows for i in row)
+    assert placed == list(range(len(LENGTHS)))  # every sample exactly once, none split
+    for row in rows:
+        assert len(row) == 1 or sum(LENGTHS[i] for i in row) <= 2048  # over-long ones alone
+    assert pack_epoch(LENGTHS, 2048, seed=3, epoch=0) == rows
+    assert pack_epoch(LENGTHS, 2048, seed=3, epoch=1) != rows
+    assert len(rows) < len(LENGTHS) / 2  # packing actually fills rows
+
+
+def test_first_fit_decreasing_fills_the_first_row_with_room() -> None:
+    assert first_fit_decreasing([0, 1, 2, 3], [5, 7, 3, 4], 10) == [[1, 2], [0, 3]]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_get_disjoint_rows_of_equal_count(world: int) -> None:
+    shards = [PackedRowSampler(LENGTHS, 2048, 7, rank, world) for rank in range(world)]
+    for epoch in (0, 1):
+        for sampler in shards:
+            sampler.set_epoch(epoch)
+        assert len({len(s) for s in shards}) == 1
+        seen = [i for s in shards for row in s for i in row]
+        assert len(seen) == len(set(seen))
+
+
+def test_grouped_batches_keep_modalities_apart_and_similar_lengths() -> None:
+    lengths = [10 + (i * 37) % 500 for i in range(103)]
+    has_images = [i % 3 != 0 for i in range(103)]
+    batches = grouped_batches(lengths, has_images, 4, 1, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == sorted(set(i for b in batches for i in b))
+    assert len(batches) == 103 // 4  # only the mixed leftover's remainder is dropped
+    pure = [b for b in batches if len({has_images[i] for i in b}) == 1]
+    assert len(pure) >= len(batches) - 1  # at most one mixed leftover batch
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    assert spread < len(batches) * 60  # sorted within mega-batches: near-equal lengths
+    assert grouped_batches(lengths, has_images, 4, 1, seed=0, epoch=1) != batches
+
+
+def test_grouped_sampler_ranks_run_the_same_number_of_batches() -> None:
+    lengths = [10 + (i * 37) % 500 for i in range(50)]
+    has_images = [i % 2 == 0 for i in range(50)]
+    shards = [LengthGroupedSampler(lengths, has_images, 4, 0, rank, 2) for rank in range(2)]
+    assert len(shards[0]) == len(shards[1]) and len(shards[0]) % 4 == 0
+    assert not set(shards[0]) & set(shards[1])
+
+
+def test_packing_with_grouping_is_refused_naming_both_fields(shapes: Path) -> None:
+    tree = {
+        "model": {
+            "language_model": str(shapes / "models/lm"),
+            "vision": {"kind": "clip", "path": str(shapes / "models/vision")},
+        },
+        "data": {"packing": True, "group_by_length": True},
+    }
+    with pytest.raises(ConfigError) as err:
+        validate_config(tree)
+    message = str(err.value)
+    assert "data" in message and "packing" in message and "group_by_length" in message
