@@ -32,7 +32,7 @@ def _rendezvous_env() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
-    generate_synthetic(out, num=40, seed=0)
+    generate_synthetic(out, num=60, seed=0)
     return out
 
 
@@ -45,7 +45,7 @@ def overrides(shapes: Path, out: Path, *extra: str) -> list[str]:
         "model.max_seq_len=256",
         "train.micro_batch_size=1",
         "train.global_batch_size=2",
-        "train.epochs=1"  # six steps in one epoch: the resume is inside it,
+        "train.epochs=1",  # six steps in one epoch: the resume is inside it
         "train.max_steps=6",
         "train.save_every=3",
         "train.keep_last=5",
