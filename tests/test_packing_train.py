@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from dsvl_cli.config import load_config
 from dsvl_cli.demo.synthetic import generate_synthetic
 from dsvl_cli.train.trainer import fit
@@ -72,3 +73,14 @@ def test_packed_resume_inside_an_epoch_continues_the_exact_losses(
         )
     ).losses
     assert got == expected[3:]  # the same floats: same rows, same order, same weights
+
+
+def test_group_by_length_trains_and_resumes_exactly(shapes: Path, tmp_path: Path) -> None:
+    grouped = ("data.packing=false", "data.group_by_length=true", "train.micro_batch_size=2")
+    whole = tmp_path / "whole"
+    expected = fit(load_config(RECIPE, overrides(shapes, whole, *grouped))).losses
+    assert len(expected) == 6
+    resumed = tmp_path / "resumed"
+    resume = f"train.resume={whole}/checkpoints/step-3"
+    got = fit(load_config(RECIPE, overrides(shapes, resumed, *grouped, resume))).losses
+    assert got == expected[3:]
