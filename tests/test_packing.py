@@ -271,3 +271,13 @@ def test_packing_with_grouping_is_refused_naming_both_fields(shapes: Path) -> No
         validate_config(tree)
     message = str(err.value)
     assert "data" in message and "packing" in message and "group_by_length" in message
+
+
+def test_benchmark_reports_equal_losses_and_less_padding_when_packed() -> None:
+    from dsvl_cli.bench.packing import main
+
+    argv = ["--samples", "8", "--hidden", "64", "--layers", "1", "--batch", "4"]
+    unpacked, packed = main(argv)
+    assert packed.mean_loss == pytest.approx(unpacked.mean_loss, rel=1e-5)
+    assert packed.padding_fraction < unpacked.padding_fraction
+    assert packed.micro_batches < unpacked.micro_batches
