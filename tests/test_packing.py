@@ -280,4 +280,3 @@ def test_benchmark_reports_equal_losses_and_less_padding_when_packed() -> None:
     unpacked, packed = main(argv)
     assert packed.mean_loss == pytest.approx(unpacked.mean_loss, rel=1e-5)
     assert packed.padding_fraction < unpacked.padding_fraction
-    assert packed.micro_batches < unpacked.micro_batches
