@@ -189,7 +189,8 @@ def render(rows: list[PassResult], console: Console) -> None:
             f"{r.supervised_tokens_per_s:.0f}", f"{r.mean_loss:.5f}",
         )  # fmt: skip
     console.print(table)
-    console.print(f"packed/unpacked samples/s: {rows[1].samples_per_s / rows[0].samples_per_s:.2f}x")
+    ratio = rows[1].samples_per_s / rows[0].samples_per_s
+    console.print(f"packed/unpacked samples/s: {ratio:.2f}x")
 
 
 def main(argv: Sequence[str] | None = None) -> list[PassResult]:
