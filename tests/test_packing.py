@@ -16,6 +16,7 @@ from dsvl_cli.data.packing import PackedCollator, PackedRowSampler, first_fit_de
 from dsvl_cli.data.template import IGNORE_INDEX
 from dsvl_cli.demo.synthetic import generate_synthetic
 from dsvl_cli.errors import ConfigError
+from dsvl_cli.model import mmca as mmca_module
 from dsvl_cli.model.builder import Built, build_model
 from dsvl_cli.model.hf_compat import packed_causal_mask
 from dsvl_cli.model.mmca import IMAGE, PAD, TEXT, build_mmca_masks, sequence_positions
@@ -84,8 +85,12 @@ def run(built: Built, batch: Batch, labels: bool) -> object:
         return built.model(**inputs)
 
 
-@pytest.mark.parametrize("mmca", [True, False])
-def test_packed_rows_equal_conversations_one_by_one(shapes: Path, mmca: bool) -> None:
+@pytest.mark.parametrize("mmca, tile", [(True, 256), (True, 8), (False, 256)])
+def test_packed_rows_equal_conversations_one_by_one(
+    shapes: Path, mmca: bool, tile: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tile 8: dense MMCA runs many query tiles, most starting their keys past position 0
+    monkeypatch.setattr(mmca_module, "DENSE_TILE", tile)
     built, config = build(shapes, mmca)
     built.model.eval()
     items = samples(built, config, shapes)
@@ -94,6 +99,13 @@ def test_packed_rows_equal_conversations_one_by_one(shapes: Path, mmca: bool) ->
     packed = PackedCollator(pad)([items[:3], items[3:]])
     assert packed.sequence_ids is not None and packed.position_ids is not None
     assert packed.num_images.tolist() == [3, 0]
+    if mmca:
+        masks = build_mmca_masks(
+            built.model.modality_ids(packed.input_ids, packed.attention_mask),
+            impl="dense",
+            sequence_ids=packed.sequence_ids,
+        )
+        assert masks.tiles is not None and (tile > 8 or any(t[2] > 0 for t in masks.tiles))
     logits = run(built, packed, labels=False).logits  # type: ignore[attr-defined]
     total_sum, total_tokens = 0.0, 0
     for index, sample in enumerate(items):

@@ -65,6 +65,7 @@ MMCA_ATTN_NAME = "dsvl_mmca"
 PAD, TEXT, IMAGE = 0, 1, 2
 
 MaskImpl = Literal["auto", "dense", "flex"]
+DENSE_TILE = 256  # queries per SDPA call on dense packed rows (see `_packed_tiles`)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class MMCAMasks:
         has_image_keys: bool [B, 1, Lq, 1], the query has at least one branch-A key.
         has_text_keys: bool [B, 1, Lq, 1], the query has at least one branch-B key.
         image_queries: bool [B, 1, Lq, 1], the query is an image token (its branch A = itself).
+        tiles: dense packed rows only: (q0, q1, k0) query tiles and the first key any of their
+            queries may see; None: one SDPA call over the whole [Lq, Lk] mask.
     """
 
     impl: Literal["dense", "flex"]
@@ -90,6 +93,7 @@ class MMCAMasks:
     has_image_keys: Tensor
     has_text_keys: Tensor
     image_queries: Tensor
+    tiles: tuple[tuple[int, int, int], ...] | None = None
 
 
 def visible(
@@ -220,8 +224,27 @@ def build_mmca_masks(
         image_branch = _dense_branch(a_query, a_key, has_a, q_len, same)
         text_branch = _dense_branch(b_query, b_key, has_b, q_len, same)
     image_queries = (modality_ids == IMAGE)[:, None, -q_len:, None]
+    tiles = None
+    if resolved == "dense" and starts is not None and q_len == kv_len:
+        tiles = _packed_tiles(starts)
     return MMCAMasks(
-        resolved, q_len, kv_len, image_branch, text_branch, has_a, has_b, image_queries
+        resolved, q_len, kv_len, image_branch, text_branch, has_a, has_b, image_queries, tiles
+    )
+
+
+def _packed_tiles(starts: Tensor) -> tuple[tuple[int, int, int], ...]:
+    """(q0, q1, k0) per tile of `DENSE_TILE` queries; k0 = the earliest sequence start in it.
+
+    Why: dense SDPA over a whole packed row computes every (query, key) score, most of them
+    across conversations or in the future. Per tile only keys [k0, q1) can be visible (sequences
+    are contiguous runs, so starts never decrease along a row), which brings the cost of a
+    packed row close to that of its conversations run alone. One host sync per forward.
+    """
+    length = starts.shape[-1]
+    firsts = starts[:, ::DENSE_TILE].min(dim=0).values.tolist()
+    return tuple(
+        (q0, min(q0 + DENSE_TILE, length), int(k0))
+        for q0, k0 in zip(range(0, length, DENSE_TILE), firsts, strict=True)
     )
 
 
@@ -247,11 +270,33 @@ def _dense_mmca(
         # kernel); transformers' own SDPA path repeats kv in this case too.
         key = key.repeat_interleave(repeats, dim=1)
         value = value.repeat_interleave(repeats, dim=1)
+    if masks.tiles is None:
+        return _dense_pair(query, key, value, masks, slice(None), slice(None), kwargs)
+    tiles = [
+        _dense_pair(query, key, value, masks, slice(q0, q1), slice(k0, q1), kwargs)
+        for q0, q1, k0 in masks.tiles
+    ]
+    return torch.cat(tiles, dim=2)
+
+
+def _dense_pair(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    masks: MMCAMasks,
+    rows: slice,
+    cols: slice,
+    kwargs: dict[str, Any],
+) -> Tensor:
+    """Both branches for queries `rows` over keys `cols`; [B, Hq, len(rows), D]."""
     sdpa = F.scaled_dot_product_attention
-    image = sdpa(query, key, value, attn_mask=masks.image_branch, **kwargs)
-    text = sdpa(query, key, value, attn_mask=masks.text_branch, **kwargs)
-    return torch.where(masks.has_image_keys, image, 0.0) + torch.where(
-        masks.has_text_keys, text, 0.0
+    query, key, value = query[:, :, rows], key[:, :, cols], value[:, :, cols]
+    image_mask = masks.image_branch[:, :, rows, cols]  # type: ignore[index]
+    text_mask = masks.text_branch[:, :, rows, cols]  # type: ignore[index]
+    image = sdpa(query, key, value, attn_mask=image_mask, **kwargs)
+    text = sdpa(query, key, value, attn_mask=text_mask, **kwargs)
+    return torch.where(masks.has_image_keys[:, :, rows], image, 0.0) + torch.where(
+        masks.has_text_keys[:, :, rows], text, 0.0
     )
 
 
