@@ -29,6 +29,8 @@ Speed (why the kernels look like this):
 - One flex call cannot do both branches: it normalises over the union of their keys, and the
   share of each branch in that sum is not returned, so the two normalisers cannot be recovered
   without a second pass. Two calls over disjoint block sets are the cheapest exact form.
+- Packed rows (dense): queries run in tiles of `DENSE_TILE`, each over keys from the earliest
+  conversation start in the tile, so cross-conversation and future scores are mostly skipped.
 - Not done yet (a further lever): gathering text tokens so branch B for text queries becomes
   plain causal attention over the compacted text, run by SDPA's flash kernel.
 

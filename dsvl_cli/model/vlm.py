@@ -281,6 +281,11 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
         mask = packed_causal_mask(
             lm_config, embeds, lm_kwargs["attention_mask"], position_ids, sequence_ids
         )
+        if mask is None:  # an implementation with no registered mask function: it would leak
+            raise ValueError(
+                f"attention {lm_config._attn_implementation!r} builds no attention mask, so "
+                "packed conversations would see each other: use sdpa, eager or flex_attention"
+            )
         return {"attention_mask": mask}
 
     def _loss(
