@@ -292,3 +292,18 @@ def test_benchmark_reports_equal_losses_and_less_padding_when_packed() -> None:
     unpacked, packed = main(argv)
     assert packed.mean_loss == pytest.approx(unpacked.mean_loss, rel=1e-5)
     assert packed.padding_fraction < unpacked.padding_fraction
+
+
+def test_an_over_long_sample_is_planned_small_and_counted_as_skipped(shapes: Path) -> None:
+    from dataclasses import replace
+
+    from dsvl_cli.data.packing import encoded_lengths
+
+    built, config = build(shapes, True)
+    encoder = replace(SampleEncoder.from_built(built, config), max_seq_len=50)
+    convs = conversations()
+    lengths = encoded_lengths(convs, encoder)
+    assert lengths[0] == 1 and all(1 < n <= 50 for n in lengths[1:])  # "a" is too long
+    items = [encoder.sample(c, shapes) for c in convs]
+    batch = PackedCollator(built.tokenizer.pad_token_id)([items])
+    assert batch.skipped == [("a", "too_long")] and batch.ids == ["b", "c", "d"]

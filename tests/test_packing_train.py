@@ -84,3 +84,10 @@ def test_group_by_length_trains_and_resumes_exactly(shapes: Path, tmp_path: Path
     resume = f"train.resume={whole}/checkpoints/step-3"
     got = fit(load_config(RECIPE, overrides(shapes, resumed, *grouped, resume))).losses
     assert got == expected[3:]
+
+
+def test_packed_rows_load_in_worker_processes(shapes: Path, tmp_path: Path) -> None:
+    # rows of samples travel through a DataLoader worker (pickled dataset, collator, batches)
+    config = load_config(RECIPE, overrides(shapes, tmp_path, "data.workers=1", "train.max_steps=2"))
+    result = fit(config)
+    assert result.steps == 2 and all(loss == loss for loss in result.losses)

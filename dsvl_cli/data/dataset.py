@@ -216,7 +216,8 @@ def make_loader(
         )
     if drop_last and len(sampler) < batch_size:
         raise DataError(
-            f"{total} samples give {len(sampler)} per rank over {world_size} rank(s), "
+            f"{total} samples give {len(sampler)} samples (or packed rows) per rank over "
+            f"{world_size} rank(s), "
             f"fewer than one batch of {batch_size}; use more data or a smaller batch size"
         )
     return DataLoader(
