@@ -174,6 +174,23 @@ def _resolve_impl(impl: MaskImpl, device: torch.device, q_len: int) -> Literal["
     return impl
 
 
+def _check_ids(modality_ids: Tensor, q_len: int | None, sequence_ids: Tensor | None) -> None:
+    """ValueError unless the ids fit `build_mmca_masks` (see its docstring)."""
+    if modality_ids.ndim != 2 or modality_ids.is_floating_point() or modality_ids.is_complex():
+        raise ValueError(
+            "modality_ids must be an integer tensor [batch, keys] (0 pad, 1 text, 2 image), "
+            f"got dtype {modality_ids.dtype} and shape {tuple(modality_ids.shape)}"
+        )
+    kv_len = modality_ids.shape[1]
+    if q_len is not None and not 0 < q_len <= kv_len:
+        raise ValueError(f"q_len must be in [1, {kv_len}] (the modality ids' length), got {q_len}")
+    if sequence_ids is not None and sequence_ids.shape != modality_ids.shape:
+        raise ValueError(
+            f"sequence_ids {tuple(sequence_ids.shape)} must match modality_ids "
+            f"{tuple(modality_ids.shape)} (one id per key)"
+        )
+
+
 def build_mmca_masks(
     modality_ids: Tensor,
     q_len: int | None = None,
@@ -198,20 +215,9 @@ def build_mmca_masks(
     Raises:
         ValueError: modality_ids is not a 2-D integer tensor, or q_len is out of range.
     """
-    if modality_ids.ndim != 2 or modality_ids.is_floating_point() or modality_ids.is_complex():
-        raise ValueError(
-            "modality_ids must be an integer tensor [batch, keys] (0 pad, 1 text, 2 image), "
-            f"got dtype {modality_ids.dtype} and shape {tuple(modality_ids.shape)}"
-        )
+    _check_ids(modality_ids, q_len, sequence_ids)
     kv_len = modality_ids.shape[1]
     q_len = kv_len if q_len is None else q_len
-    if not 0 < q_len <= kv_len:
-        raise ValueError(f"q_len must be in [1, {kv_len}] (the modality ids' length), got {q_len}")
-    if sequence_ids is not None and sequence_ids.shape != modality_ids.shape:
-        raise ValueError(
-            f"sequence_ids {tuple(sequence_ids.shape)} must match modality_ids "
-            f"{tuple(modality_ids.shape)} (one id per key)"
-        )
     resolved = _resolve_impl(impl, modality_ids.device, q_len)
     (a_query, a_key), (b_query, b_key) = _branch_sides(modality_ids, image_attends_text)
     starts = None if sequence_ids is None else sequence_starts(sequence_ids)
