@@ -307,3 +307,17 @@ def test_an_over_long_sample_is_planned_small_and_counted_as_skipped(shapes: Pat
     items = [encoder.sample(c, shapes) for c in convs]
     batch = PackedCollator(built.tokenizer.pad_token_id)([items])
     assert batch.skipped == [("a", "too_long")] and batch.ids == ["b", "c", "d"]
+
+
+def test_worker_loaders_prefetch_and_pin_on_cuda() -> None:
+    from dsvl_cli.data.dataset import PREFETCH_FACTOR, make_loader
+
+    def loader(workers: int) -> torch.utils.data.DataLoader:
+        return make_loader(
+            list(range(8)), batch_size=2, collate_fn=list, shuffle=True, seed=0,
+            workers=workers, drop_last=True,
+        )  # fmt: skip
+
+    assert loader(2).prefetch_factor == PREFETCH_FACTOR > 2  # deeper than torch's default
+    assert loader(0).prefetch_factor is None  # no workers: nothing to prefetch
+    assert loader(2).pin_memory == torch.cuda.is_available()
