@@ -160,9 +160,28 @@ class DataConfig(_Strict):
         description="system prompt of conversations without their own (None: DSVL's); stored "
         "in exports, so eval and chat render it too",
     )
+    packing: bool = Field(
+        default=False,
+        description="fill each training row up to model.max_seq_len with whole conversations "
+        "(attention, positions and labels stay per conversation; see data/packing.py)",
+    )
+    group_by_length: bool = Field(
+        default=False,
+        description="unpacked training: batch samples of similar length, image and text-only "
+        "samples apart (modality-length grouping; see data/grouping.py)",
+    )
     overlength: Literal["drop", "truncate_rounds"] = "drop"
     max_round_tokens: int | None = Field(default=512, gt=0)
     max_failure_fraction: float = Field(default=0.01, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_sampler(self) -> DataConfig:
+        if self.packing and self.group_by_length:
+            raise ValueError(
+                "packing and group_by_length both order the samples: set one of them to false "
+                "(packing already removes most padding)"
+            )
+        return self
 
     @field_validator("sources", mode="before")
     @classmethod

@@ -126,3 +126,14 @@ def test_one_and_two_ranks_score_eval_samples_once(data: Path, tmp_path: Path) -
     run(data, tmp_path / "two", 2, "train.max_steps=1")
     one, two = eval_losses(tmp_path / "one")[0], eval_losses(tmp_path / "two")[0]
     assert abs(one - two) < 1e-6
+
+
+def test_two_ranks_packed_rows_take_the_same_steps(data: Path, tmp_path: Path) -> None:
+    # Encoded lengths 47, 29, 43, 30 into rows of 60: [47], [43], [30, 29]; the remainder row is
+    # dropped so both ranks run one step per epoch, one of them sometimes on the row whose only
+    # sample (t2, missing image) is skipped: a placeholder step, same collectives.
+    ranks = run(
+        data, tmp_path, 2, "data.packing=true", "model.max_seq_len=60", "distributed.zero_stage=2"
+    )
+    assert ranks[0] == ranks[1] and len(ranks[0]) == 2
+    assert all(math.isfinite(loss) for loss in ranks[0])  # never both ranks on the skipped row

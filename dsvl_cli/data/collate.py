@@ -13,9 +13,8 @@ empty batch: `batch.is_empty` (B == 0; all tensors have zero rows, `pixel_values
 `[0, 3, 0, 0]`). The trainer must still count its skips, and with several ranks it must keep the
 ranks in step (e.g. run it as a zero-loss step), because the other ranks' steps all-reduce.
 
-Packing (several conversations per row, a later feature) would go in `Collator.__call__`:
-concatenate samples into rows of up to `max_seq_len` and add per-token sequence ids, so MMCA and
-the loss keep the conversations apart.
+Packing (several conversations per row, `data.packing`) is `packing.PackedCollator`: it fills
+`sequence_ids` and `position_ids` too, and `ids` then lists every sample of every row.
 """
 
 from __future__ import annotations
@@ -42,9 +41,11 @@ class Batch:
         attention_mask: [B, L] 1 for real tokens, 0 for pads.
         pixel_values: [N, 3, H, W] every image of the batch, in sample order (N = sum of
             num_images).
-        num_images: [B] images per sample.
-        ids: B sample ids.
+        num_images: [B] images per row.
+        ids: the sample ids (B unpacked; every conversation of every row when packed).
         skipped: (id, reason) of each sample dropped from this batch.
+        sequence_ids: packed only, [B, L]: 1, 2, ... per conversation of a row, 0 on pads.
+        position_ids: packed only, [B, L]: positions restarting at 0 for each conversation.
     """
 
     input_ids: Tensor
@@ -54,11 +55,13 @@ class Batch:
     num_images: Tensor
     ids: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    sequence_ids: Tensor | None = None
+    position_ids: Tensor | None = None
 
     @property
     def size(self) -> int:
-        """B, the number of samples (0 for an all-skipped batch)."""
-        return int(self.input_ids.shape[0])
+        """The number of samples (0 for an all-skipped batch); B unless packed."""
+        return len(self.ids) if self.sequence_ids is not None else int(self.input_ids.shape[0])
 
     @property
     def is_empty(self) -> bool:

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from dsvl_cli.data.collate import Batch
 
 MAX_EXAMPLE_IDS = 5  # sample ids kept per skip reason, for error messages
+# Batches each worker prepares ahead (torch's default is 2): image decoding is bursty (a
+# MIMIC-IT group has 8 images), so a deeper queue keeps a step from waiting on one slow batch.
+PREFETCH_FACTOR = 4
 
 
 class ConversationDataset(Dataset):
@@ -185,9 +188,13 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     multiprocessing_context: str | None = None,
+    sampler: Sampler[Any] | None = None,
 ) -> DataLoader:
     """A DataLoader over this rank's share: `DistributedSampler` inside `SkipFirst`.
 
+    `sampler` replaces the `DistributedSampler` (it must shard by itself and have `set_epoch`:
+    `LengthGroupedSampler`, `PackedRowSampler`). Workers decode images off the training thread,
+    `PREFETCH_FACTOR` batches ahead each; batches are pinned when CUDA is available.
     `drop_last` applies to both the sampler (no padding duplicates across ranks) and the last
     short batch. With `drop_last=False` (eval) the sampler repeats up to world_size - 1 samples
     so every rank runs the same number of batches, as ZeRO-3 requires.
@@ -198,12 +205,19 @@ def make_loader(
     total = len(dataset)  # type: ignore[arg-type]
     if total == 0:
         raise DataError("no samples to load; check data.sources and the prepared files")
-    sampler = DistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-    )
+    if sampler is None:
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
     if drop_last and len(sampler) < batch_size:
         raise DataError(
-            f"{total} samples give {len(sampler)} per rank over {world_size} rank(s), "
+            f"{total} samples give {len(sampler)} samples (or packed rows) per rank over "
+            f"{world_size} rank(s), "
             f"fewer than one batch of {batch_size}; use more data or a smaller batch size"
         )
     return DataLoader(
@@ -213,6 +227,7 @@ def make_loader(
         collate_fn=collate_fn,
         num_workers=workers,
         persistent_workers=workers > 0,
+        prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         multiprocessing_context=multiprocessing_context if workers > 0 else None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 _FIELDS = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
@@ -43,3 +44,37 @@ def enable_activation_checkpointing(model: Any, **kwargs: Any) -> None:
     if enable is None:
         enable = model.gradient_checkpointing_enable
     enable(kwargs or None)
+
+
+def packed_causal_mask(
+    config: Any,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    sequence_ids: torch.Tensor,
+) -> Any:
+    """The LM's own causal mask (in its attention implementation's format) for packed rows.
+
+    transformers detects packing from restarting `position_ids` only when no 2-D
+    `attention_mask` is given (`masking_utils._preprocess_mask_arguments`), and a padded packed
+    row has one; so the same-sequence rule is added explicitly as an `and_mask_function`. The
+    result is a prepared 4-D mask (or a flex BlockMask), which every decoder passes through
+    unchanged. Args are [B, L] tensors; `sequence_ids` is 0 on pads.
+    """
+    from transformers.masking_utils import create_causal_mask
+
+    def same_sequence(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
+        # Pad queries (id 0) keep the unpacked rule (every earlier real key), so no query row
+        # is fully masked (some GPU kernels return NaN for one); their outputs are never used.
+        query = sequence_ids[batch_idx, q_idx]
+        return (query == sequence_ids[batch_idx, kv_idx]) | (query == 0)
+
+    # The cache argument is positional: its name changed with the 5.24 rename (see above).
+    return create_causal_mask(
+        config,
+        inputs_embeds,
+        attention_mask,
+        None,
+        position_ids=position_ids,
+        and_mask_function=same_sequence,
+    )

@@ -29,12 +29,19 @@ Speed (why the kernels look like this):
 - One flex call cannot do both branches: it normalises over the union of their keys, and the
   share of each branch in that sum is not returned, so the two normalisers cannot be recovered
   without a second pass. Two calls over disjoint block sets are the cheapest exact form.
+- Packed rows (dense): queries run in tiles of `DENSE_TILE`, each over keys from the earliest
+  conversation start in the tile, so cross-conversation and future scores are mostly skipped.
 - Not done yet (a further lever): gathering text tokens so branch B for text queries becomes
   plain causal attention over the compacted text, run by SDPA's flash kernel.
 
 Implementations: "dense" (SDPA with boolean [B,1,Lq,Lk] masks; CPU, any device, decoding) and
 "flex" (FlexAttention block masks, compiled on CUDA; forward-only on CPU). "auto" picks flex on
 CUDA when Lq > 1 and dense otherwise (decode steps are cheap and would recompile flex).
+
+Packing: `sequence_ids` [B, Lk] (1, 2, ... per conversation of a packed row, 0 on pads) add one
+rule to both branches: a key is visible only to queries of the same sequence, and "has a key"
+is judged within the query's own sequence. None (every unpacked forward, and decoding) means
+one sequence per row.
 
 Sliding-window and softcapped models are refused with a clear error (neither is implemented).
 transformers builds no attention mask for an implementation without a mask function registered
@@ -60,6 +67,7 @@ MMCA_ATTN_NAME = "dsvl_mmca"
 PAD, TEXT, IMAGE = 0, 1, 2
 
 MaskImpl = Literal["auto", "dense", "flex"]
+DENSE_TILE = 256  # queries per SDPA call on dense packed rows (see `_packed_tiles`)
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,8 @@ class MMCAMasks:
         has_image_keys: bool [B, 1, Lq, 1], the query has at least one branch-A key.
         has_text_keys: bool [B, 1, Lq, 1], the query has at least one branch-B key.
         image_queries: bool [B, 1, Lq, 1], the query is an image token (its branch A = itself).
+        tiles: dense packed rows only: (q0, q1, k0) query tiles and the first key any of their
+            queries may see; None: one SDPA call over the whole [Lq, Lk] mask.
     """
 
     impl: Literal["dense", "flex"]
@@ -85,11 +95,32 @@ class MMCAMasks:
     has_image_keys: Tensor
     has_text_keys: Tensor
     image_queries: Tensor
+    tiles: tuple[tuple[int, int, int], ...] | None = None
 
 
-def visible(query_ok: Tensor, key_ok: Tensor, query_pos: Tensor, key_pos: Tensor) -> Tensor:
+def visible(
+    query_ok: Tensor,
+    key_ok: Tensor,
+    query_pos: Tensor,
+    key_pos: Tensor,
+    same_sequence: Tensor | bool = True,
+) -> Tensor:
     """The MMCA visibility rule of one branch (broadcasting; also the flex mask_mod body)."""
-    return query_ok & key_ok & (key_pos <= query_pos)
+    return query_ok & key_ok & (key_pos <= query_pos) & same_sequence
+
+
+def sequence_starts(sequence_ids: Tensor) -> Tensor:
+    """LongTensor [B, L]: index of the first position of each position's (contiguous) sequence."""
+    pos = torch.arange(sequence_ids.shape[-1], device=sequence_ids.device).expand_as(sequence_ids)
+    is_start = torch.ones_like(sequence_ids, dtype=torch.bool)
+    is_start[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    return torch.where(is_start, pos, 0).cummax(dim=-1).values
+
+
+def sequence_positions(sequence_ids: Tensor) -> Tensor:
+    """LongTensor [B, L]: position ids restarting at 0 for every sequence of a packed row."""
+    pos = torch.arange(sequence_ids.shape[-1], device=sequence_ids.device)
+    return pos - sequence_starts(sequence_ids)
 
 
 def _branch_sides(
@@ -102,18 +133,33 @@ def _branch_sides(
     return (is_text, is_image), (text_branch_queries, is_text)
 
 
-def _has_keys(query_ok: Tensor, key_ok: Tensor, q_len: int) -> Tensor:
-    """bool [B, 1, Lq, 1]: the query may use the branch and some key at or before it is in it."""
-    seen = key_ok.cumsum(dim=-1) > 0
-    return (query_ok & seen)[:, None, -q_len:, None]
+def _has_keys(query_ok: Tensor, key_ok: Tensor, q_len: int, starts: Tensor | None) -> Tensor:
+    """bool [B, 1, Lq, 1]: the query may use the branch and some key at or before it (in its
+    own sequence when `starts`, from `sequence_starts`, is given) is in it."""
+    counts = key_ok.long().cumsum(dim=-1)
+    if starts is not None:
+        # keys of this branch before the sequence's first position belong to earlier sequences
+        counts = counts - (counts - key_ok.long()).gather(-1, starts)
+    return (query_ok & (counts > 0))[:, None, -q_len:, None]
 
 
-def _dense_branch(query_ok: Tensor, key_ok: Tensor, has_keys: Tensor, q_len: int) -> Tensor:
+def _same_sequence(sequence_ids: Tensor | None, q_len: int) -> Tensor | bool:
+    """bool [B, 1, Lq, Lk] (True when not packed): query and key are in the same sequence."""
+    if sequence_ids is None:
+        return True
+    return sequence_ids[:, None, -q_len:, None] == sequence_ids[:, None, None, :]
+
+
+def _dense_branch(
+    query_ok: Tensor, key_ok: Tensor, has_keys: Tensor, q_len: int, same: Tensor | bool
+) -> Tensor:
     """bool [B, 1, Lq, Lk] mask of one branch; empty rows get their own position as a dummy key."""
     kv_len = key_ok.shape[-1]
     key_pos = torch.arange(kv_len, device=key_ok.device)
     query_pos = key_pos[kv_len - q_len :, None]
-    mask = visible(query_ok[:, None, -q_len:, None], key_ok[:, None, None, :], query_pos, key_pos)
+    mask = visible(
+        query_ok[:, None, -q_len:, None], key_ok[:, None, None, :], query_pos, key_pos, same
+    )
     # Some SDPA kernels return NaN for a row with no key (and NaN gradients even if the row is
     # later discarded). A dummy key keeps every row finite; `_dense_mmca` zeroes these rows, so
     # their upstream gradient is 0 and the dummy key receives none.
@@ -128,12 +174,30 @@ def _resolve_impl(impl: MaskImpl, device: torch.device, q_len: int) -> Literal["
     return impl
 
 
+def _check_ids(modality_ids: Tensor, q_len: int | None, sequence_ids: Tensor | None) -> None:
+    """ValueError unless the ids fit `build_mmca_masks` (see its docstring)."""
+    if modality_ids.ndim != 2 or modality_ids.is_floating_point() or modality_ids.is_complex():
+        raise ValueError(
+            "modality_ids must be an integer tensor [batch, keys] (0 pad, 1 text, 2 image), "
+            f"got dtype {modality_ids.dtype} and shape {tuple(modality_ids.shape)}"
+        )
+    kv_len = modality_ids.shape[1]
+    if q_len is not None and not 0 < q_len <= kv_len:
+        raise ValueError(f"q_len must be in [1, {kv_len}] (the modality ids' length), got {q_len}")
+    if sequence_ids is not None and sequence_ids.shape != modality_ids.shape:
+        raise ValueError(
+            f"sequence_ids {tuple(sequence_ids.shape)} must match modality_ids "
+            f"{tuple(modality_ids.shape)} (one id per key)"
+        )
+
+
 def build_mmca_masks(
     modality_ids: Tensor,
     q_len: int | None = None,
     *,
     image_attends_text: bool = True,
     impl: MaskImpl = "auto",
+    sequence_ids: Tensor | None = None,
 ) -> MMCAMasks:
     """Build both MMCA branch masks once for a model forward (vectorised, no host sync).
 
@@ -142,6 +206,8 @@ def build_mmca_masks(
         q_len: number of queries (the last q_len keys); None means Lk (training, prefill).
         image_attends_text: image queries also attend to earlier text (the original's behaviour).
         impl: "dense", "flex", or "auto" (flex on CUDA when q_len > 1, dense otherwise).
+        sequence_ids: LongTensor [B, Lk], the conversation of each position in a packed row
+            (contiguous runs; 0 on pads); None: one sequence per row.
 
     Returns:
         The masks to pass as `mmca_masks=` to the language model's forward.
@@ -149,27 +215,44 @@ def build_mmca_masks(
     Raises:
         ValueError: modality_ids is not a 2-D integer tensor, or q_len is out of range.
     """
-    if modality_ids.ndim != 2 or modality_ids.is_floating_point() or modality_ids.is_complex():
-        raise ValueError(
-            "modality_ids must be an integer tensor [batch, keys] (0 pad, 1 text, 2 image), "
-            f"got dtype {modality_ids.dtype} and shape {tuple(modality_ids.shape)}"
-        )
+    _check_ids(modality_ids, q_len, sequence_ids)
     kv_len = modality_ids.shape[1]
     q_len = kv_len if q_len is None else q_len
-    if not 0 < q_len <= kv_len:
-        raise ValueError(f"q_len must be in [1, {kv_len}] (the modality ids' length), got {q_len}")
     resolved = _resolve_impl(impl, modality_ids.device, q_len)
     (a_query, a_key), (b_query, b_key) = _branch_sides(modality_ids, image_attends_text)
-    has_a, has_b = _has_keys(a_query, a_key, q_len), _has_keys(b_query, b_key, q_len)
+    starts = None if sequence_ids is None else sequence_starts(sequence_ids)
+    has_a = _has_keys(a_query, a_key, q_len, starts)
+    has_b = _has_keys(b_query, b_key, q_len, starts)
     if resolved == "flex":
-        image_branch = branch_block_mask(visible, query_ok=a_query, key_ok=a_key, q_len=q_len)
-        text_branch = branch_block_mask(visible, query_ok=b_query, key_ok=b_key, q_len=q_len)
+        seq = {"q_len": q_len, "sequence_ids": sequence_ids}
+        image_branch = branch_block_mask(visible, query_ok=a_query, key_ok=a_key, **seq)
+        text_branch = branch_block_mask(visible, query_ok=b_query, key_ok=b_key, **seq)
     else:
-        image_branch = _dense_branch(a_query, a_key, has_a, q_len)
-        text_branch = _dense_branch(b_query, b_key, has_b, q_len)
+        same = _same_sequence(sequence_ids, q_len)
+        image_branch = _dense_branch(a_query, a_key, has_a, q_len, same)
+        text_branch = _dense_branch(b_query, b_key, has_b, q_len, same)
     image_queries = (modality_ids == IMAGE)[:, None, -q_len:, None]
+    tiles = None
+    if resolved == "dense" and starts is not None and q_len == kv_len:
+        tiles = _packed_tiles(starts)
     return MMCAMasks(
-        resolved, q_len, kv_len, image_branch, text_branch, has_a, has_b, image_queries
+        resolved, q_len, kv_len, image_branch, text_branch, has_a, has_b, image_queries, tiles
+    )
+
+
+def _packed_tiles(starts: Tensor) -> tuple[tuple[int, int, int], ...]:
+    """(q0, q1, k0) per tile of `DENSE_TILE` queries; k0 = the earliest sequence start in it.
+
+    Why: dense SDPA over a whole packed row computes every (query, key) score, most of them
+    across conversations or in the future. Per tile only keys [k0, q1) can be visible (sequences
+    are contiguous runs, so starts never decrease along a row), which brings the cost of a
+    packed row close to that of its conversations run alone. One host sync per forward.
+    """
+    length = starts.shape[-1]
+    firsts = starts[:, ::DENSE_TILE].min(dim=0).values.tolist()
+    return tuple(
+        (q0, min(q0 + DENSE_TILE, length), int(k0))
+        for q0, k0 in zip(range(0, length, DENSE_TILE), firsts, strict=True)
     )
 
 
@@ -195,11 +278,33 @@ def _dense_mmca(
         # kernel); transformers' own SDPA path repeats kv in this case too.
         key = key.repeat_interleave(repeats, dim=1)
         value = value.repeat_interleave(repeats, dim=1)
+    if masks.tiles is None:
+        return _dense_pair(query, key, value, masks, slice(None), slice(None), kwargs)
+    tiles = [
+        _dense_pair(query, key, value, masks, slice(q0, q1), slice(k0, q1), kwargs)
+        for q0, q1, k0 in masks.tiles
+    ]
+    return torch.cat(tiles, dim=2)
+
+
+def _dense_pair(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    masks: MMCAMasks,
+    rows: slice,
+    cols: slice,
+    kwargs: dict[str, Any],
+) -> Tensor:
+    """Both branches for queries `rows` over keys `cols`; [B, Hq, len(rows), D]."""
     sdpa = F.scaled_dot_product_attention
-    image = sdpa(query, key, value, attn_mask=masks.image_branch, **kwargs)
-    text = sdpa(query, key, value, attn_mask=masks.text_branch, **kwargs)
-    return torch.where(masks.has_image_keys, image, 0.0) + torch.where(
-        masks.has_text_keys, text, 0.0
+    query, key, value = query[:, :, rows], key[:, :, cols], value[:, :, cols]
+    image_mask = masks.image_branch[:, :, rows, cols]  # type: ignore[index]
+    text_mask = masks.text_branch[:, :, rows, cols]  # type: ignore[index]
+    image = sdpa(query, key, value, attn_mask=image_mask, **kwargs)
+    text = sdpa(query, key, value, attn_mask=text_mask, **kwargs)
+    return torch.where(masks.has_image_keys[:, :, rows], image, 0.0) + torch.where(
+        masks.has_text_keys[:, :, rows], text, 0.0
     )
 
 
@@ -228,10 +333,12 @@ def _masks_for_call(module: Any, query: Tensor, key: Tensor, kwargs: dict[str, A
                 "build_mmca_masks(modality_ids) (or modality_ids=) to the language model's forward"
             )
         config = getattr(module, "config", None)
+        sequence_ids = kwargs.get("sequence_ids")
         masks = build_mmca_masks(
             modality_ids.to(query.device),
             query.shape[2],
             image_attends_text=getattr(config, "mmca_image_attends_text", True),
+            sequence_ids=None if sequence_ids is None else sequence_ids.to(query.device),
         )
     batch = query.shape[0]
     mask_batch = masks.image_queries.shape[0]
@@ -277,7 +384,8 @@ def mmca_attention(
         attention_mask: ignored (padding comes from modality id 0; see module docstring).
         scaling: softmax scale (None means 1/sqrt(D)).
         dropout: attention dropout probability (dense only).
-        **kwargs: `mmca_masks=` (preferred) or `modality_ids=` [B, Lk]; other layer kwargs.
+        **kwargs: `mmca_masks=` (preferred) or `modality_ids=` [B, Lk] (and, packed,
+            `sequence_ids=` [B, Lk]); other layer kwargs.
 
     Returns:
         (attn_output [B, Lq, Hq, D], None).

@@ -16,12 +16,18 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-# rule(query_ok, key_ok, query_pos, key_pos) -> bool tensor: may this query read this key?
-VisibilityRule = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+# rule(query_ok, key_ok, query_pos, key_pos, same_sequence) -> bool tensor: may this query read
+# this key?
+VisibilityRule = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor | bool], Tensor]
 
 
 def branch_block_mask(
-    rule: VisibilityRule, *, query_ok: Tensor, key_ok: Tensor, q_len: int
+    rule: VisibilityRule,
+    *,
+    query_ok: Tensor,
+    key_ok: Tensor,
+    q_len: int,
+    sequence_ids: Tensor | None = None,
 ) -> BlockMask:
     """Build the block-sparse mask of one MMCA branch.
 
@@ -30,6 +36,8 @@ def branch_block_mask(
         query_ok: bool [B, Lk], per absolute position: may a query there use this branch.
         key_ok: bool [B, Lk], per absolute position: is the key there in this branch.
         q_len: number of queries; they are the last `q_len` of the `Lk` positions.
+        sequence_ids: LongTensor [B, Lk] of a packed row (None: one sequence per row); keys of
+            another sequence are masked, so whole blocks between conversations are skipped.
 
     Returns:
         A BlockMask of shape [B, 1, q_len, Lk] (broadcast over heads).
@@ -39,7 +47,15 @@ def branch_block_mask(
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         q_pos = q_idx + offset
-        return rule(query_ok[b, q_pos], key_ok[b, kv_idx], q_pos, kv_idx)
+        return rule(query_ok[b, q_pos], key_ok[b, kv_idx], q_pos, kv_idx, True)
+
+    def packed_mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        q_pos = q_idx + offset
+        same = sequence_ids[b, q_pos] == sequence_ids[b, kv_idx]
+        return rule(query_ok[b, q_pos], key_ok[b, kv_idx], q_pos, kv_idx, same)
+
+    if sequence_ids is not None:
+        mask_mod = packed_mask_mod
 
     return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=key_ok.device)
 

@@ -10,6 +10,9 @@ landing at the k-th run of image ids (the original reversed multi-image order, i
 Attention: with MMCA the LM runs the registered `dsvl_mmca` attention function; modality ids
 (0 pad, 1 text, 2 image) cover every key position, cached ones included, and grow by one text
 position per generated token (derived from the full id sequence at every generation step).
+Packed rows (`data.packing`) add `sequence_ids` (1, 2, ... per conversation, 0 on pads): MMCA
+masks and, with MMCA off, the LM's causal mask keep conversations apart, and position ids
+restart at 0 for each conversation (derived from `sequence_ids` when not given).
 
 Logits: always the LM's own `ForCausalLM.forward` (its head and its logit post-processing:
 Gemma2's final softcapping, Granite's `logits_scaling`, Cohere's `logit_scale`), asked through
@@ -32,8 +35,8 @@ from transformers.modeling_outputs import ModelOutput
 
 from dsvl_cli.data.template import IGNORE_INDEX
 from dsvl_cli.errors import DataError
-from dsvl_cli.model.hf_compat import CACHE_NAME, cache_kwargs, output_cache
-from dsvl_cli.model.mmca import IMAGE, PAD, TEXT, build_mmca_masks
+from dsvl_cli.model.hf_compat import CACHE_NAME, cache_kwargs, output_cache, packed_causal_mask
+from dsvl_cli.model.mmca import IMAGE, PAD, TEXT, build_mmca_masks, sequence_positions
 
 # The cache field carries the installed transformers' name for it (hf_compat.CACHE_NAME), so
 # `generate` finds it; read it with `hf_compat.output_cache`.
@@ -191,6 +194,7 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         modality_ids: torch.Tensor | None = None,
+        sequence_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         cache: Any = None,
         past_key_values: Any = None,
@@ -204,7 +208,8 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
         `modality_ids` must cover cached + current positions when a cache is used; without a
         cache it defaults to the one derived from `input_ids` and `attention_mask`. The KV cache
         comes as `cache` (transformers >= 5.24) or `past_key_values` (earlier); both are named
-        here because `generate` passes only keywords the signature lists.
+        here because `generate` passes only keywords the signature lists. `sequence_ids` [B, L]
+        marks the conversations of packed rows (training and scoring only, no cache).
         """
         cache = cache if cache is not None else past_key_values
         embeds = self.embed_tokens(input_ids)
@@ -216,7 +221,13 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("modality_ids covering cached positions are required with a cache")
             modality_ids = self.modality_ids(input_ids, attention_mask)
-        lm_kwargs = self._attention_kwargs(modality_ids, input_ids.shape[1], attention_mask)
+        if sequence_ids is not None and position_ids is None:
+            position_ids = sequence_positions(sequence_ids)
+        lm_kwargs = self._attention_kwargs(
+            modality_ids, input_ids.shape[1], attention_mask, sequence_ids
+        )
+        if sequence_ids is not None and not self.mmca:
+            lm_kwargs = self._packed_causal(lm_kwargs, embeds, position_ids, sequence_ids)
         if labels is not None:
             # Positions whose next token is supervised in some row: the LM's own head and logit
             # post-processing (softcapping, logit scaling) run there only.
@@ -240,7 +251,11 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
         return out
 
     def _attention_kwargs(
-        self, modality_ids: torch.Tensor, q_len: int, attention_mask: torch.Tensor | None
+        self,
+        modality_ids: torch.Tensor,
+        q_len: int,
+        attention_mask: torch.Tensor | None,
+        sequence_ids: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         if not self.mmca:
             mask = attention_mask if attention_mask is not None else (modality_ids != PAD).long()
@@ -250,8 +265,34 @@ class VisualChatModel(PreTrainedModel, GenerationMixin):
             q_len,
             image_attends_text=self.image_attends_text,
             impl=self.mmca_impl,
+            sequence_ids=sequence_ids,
         )
         return {"mmca_masks": masks, "modality_ids": modality_ids}
+
+    def _packed_causal(
+        self,
+        lm_kwargs: dict[str, Any],
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        sequence_ids: torch.Tensor,
+    ) -> dict[str, Any]:
+        """MMCA off: the LM's causal mask confined to each packed conversation."""
+        lm_config = self.language_model.config
+        if "flash" in str(lm_config._attn_implementation):
+            # flash kernels take a 2-D padding mask only: the same-sequence rule would be lost
+            raise ValueError(
+                "packed rows need an attention implementation that takes a 4-D mask (sdpa, "
+                f"eager, flex_attention), not {lm_config._attn_implementation!r}"
+            )
+        mask = packed_causal_mask(
+            lm_config, embeds, lm_kwargs["attention_mask"], position_ids, sequence_ids
+        )
+        if mask is None:  # an implementation with no registered mask function: it would leak
+            raise ValueError(
+                f"attention {lm_config._attn_implementation!r} builds no attention mask, so "
+                "packed conversations would see each other: use sdpa, eager or flex_attention"
+            )
+        return {"attention_mask": mask}
 
     def _loss(
         self, logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor

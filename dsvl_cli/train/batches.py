@@ -4,6 +4,9 @@ Training shards with `DistributedSampler(drop_last=True)` (no sample twice in an
 Evaluation shards without padding (`EvalShard`: rank r takes samples r, r + W, r + 2W, ...), so a
 sample is scored exactly once whatever the world size; ranks with fewer batches run zero-weight
 placeholder forwards (`placeholder_inputs`) so that every rank runs the same collectives.
+With `data.packing` a training micro-batch is `micro_batch_size` packed rows (`PackedRowSampler`,
+`PackedCollator`); with `data.group_by_length` samples are batched by modality and length
+(`LengthGroupedSampler`). Evaluation is never packed: it scores each sample on its own row.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dsvl_cli import dist
 from dsvl_cli.config import Config
 from dsvl_cli.data.collate import Batch, Collator
-from dsvl_cli.data.dataset import ConversationDataset, make_loader
+from dsvl_cli.data.dataset import PREFETCH_FACTOR, ConversationDataset, make_loader
 from dsvl_cli.data.encoder import SampleEncoder
+from dsvl_cli.data.grouping import LengthGroupedSampler
+from dsvl_cli.data.packing import PackedCollator, PackedDataset, PackedRowSampler, encoded_lengths
 from dsvl_cli.data.pixel_cache import PixelCache
 from dsvl_cli.data.template import IGNORE_INDEX
 from dsvl_cli.model.builder import Built
@@ -74,9 +79,18 @@ def train_loader(
     collator: Collator,
     cache: PixelCache | None = None,
 ) -> DataLoader:
-    """This rank's shuffled, drop-last share of a training split (`cache`: see `pixel_cache`)."""
+    """This rank's shuffled, drop-last share of a training split (`cache`: see `pixel_cache`).
+
+    Packed (`data.packing`), its batches are rows of conversations and `collator`'s pad id is
+    used by a `PackedCollator`.
+    """
+    data: Dataset = dataset(config, built, split, cache)
+    sampler = train_sampler(config, data)
+    if config.data.packing:
+        data = PackedDataset(data)
+        collator = PackedCollator(collator.pad_token_id, collator.pad_to_multiple_of)
     return make_loader(
-        dataset(config, built, split, cache),
+        data,
         batch_size=config.train.micro_batch_size,
         collate_fn=collator,
         shuffle=True,
@@ -85,7 +99,24 @@ def train_loader(
         drop_last=True,
         rank=dist.rank(),
         world_size=dist.world_size(),
+        sampler=sampler,
     )
+
+
+def train_sampler(config: Config, data: ConversationDataset) -> Sampler[Any] | None:
+    """The packing or length-grouping sampler the config asks for; None: the default sampler.
+
+    Both read every sample's encoded length (text only, no image decoded) in this process.
+    """
+    if not (config.data.packing or config.data.group_by_length):
+        return None
+    lengths = encoded_lengths(data.conversations, data.encoder)
+    rank, world = dist.rank(), dist.world_size()
+    if config.data.packing:
+        return PackedRowSampler(lengths, config.model.max_seq_len, config.data.seed, rank, world)
+    has_images = [bool(conv.images) for conv in data.conversations]
+    batch = config.train.micro_batch_size
+    return LengthGroupedSampler(lengths, has_images, batch, config.data.seed, rank, world)
 
 
 def eval_loader(config: Config, built: Built, split: Any, collator: Collator) -> DataLoader:
@@ -97,6 +128,7 @@ def eval_loader(config: Config, built: Built, split: Any, collator: Collator) ->
         sampler=EvalShard(len(data), dist.rank(), dist.world_size()),
         collate_fn=collator,
         num_workers=config.data.workers,
+        prefetch_factor=PREFETCH_FACTOR if config.data.workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -115,12 +147,16 @@ def model_inputs(
         return placeholder_inputs(built, device)
     batch = batch.to(device)
     pixels = batch.pixel_values if batch.pixel_values.shape[0] > 0 else None
-    return {
+    inputs = {
         "input_ids": batch.input_ids,
         "attention_mask": batch.attention_mask,
         "labels": batch.labels,
         "pixel_values": None if pixels is None else pixels.to(DTYPES[precision]),
     }
+    if batch.sequence_ids is not None:
+        inputs["sequence_ids"] = batch.sequence_ids
+        inputs["position_ids"] = batch.position_ids
+    return inputs
 
 
 def supervised_tokens(batch: Batch) -> int:
