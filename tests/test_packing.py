@@ -19,7 +19,8 @@ from dsvl_cli.errors import ConfigError
 from dsvl_cli.model import mmca as mmca_module
 from dsvl_cli.model.builder import Built, build_model
 from dsvl_cli.model.hf_compat import packed_causal_mask
-from dsvl_cli.model.mmca import IMAGE, PAD, TEXT, build_mmca_masks, sequence_positions
+from dsvl_cli.model.mmca import IMAGE, PAD, TEXT, build_mmca_masks
+from dsvl_cli.model.sequences import sequence_positions
 from dsvl_cli.train.batches import model_inputs
 
 FLEX_CPU_WARNING = "ignore:flex_attention called without torch.compile"

@@ -62,6 +62,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 
 from dsvl_cli.model.mmca_flex import branch_block_mask, flex_branch
+from dsvl_cli.model.sequences import sequence_starts
 
 MMCA_ATTN_NAME = "dsvl_mmca"
 PAD, TEXT, IMAGE = 0, 1, 2
@@ -107,20 +108,6 @@ def visible(
 ) -> Tensor:
     """The MMCA visibility rule of one branch (broadcasting; also the flex mask_mod body)."""
     return query_ok & key_ok & (key_pos <= query_pos) & same_sequence
-
-
-def sequence_starts(sequence_ids: Tensor) -> Tensor:
-    """LongTensor [B, L]: index of the first position of each position's (contiguous) sequence."""
-    pos = torch.arange(sequence_ids.shape[-1], device=sequence_ids.device).expand_as(sequence_ids)
-    is_start = torch.ones_like(sequence_ids, dtype=torch.bool)
-    is_start[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
-    return torch.where(is_start, pos, 0).cummax(dim=-1).values
-
-
-def sequence_positions(sequence_ids: Tensor) -> Tensor:
-    """LongTensor [B, L]: position ids restarting at 0 for every sequence of a packed row."""
-    pos = torch.arange(sequence_ids.shape[-1], device=sequence_ids.device)
-    return pos - sequence_starts(sequence_ids)
 
 
 def _branch_sides(

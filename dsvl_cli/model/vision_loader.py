@@ -37,6 +37,7 @@ from dsvl_cli.model.vision import (
 from dsvl_cli.model.weights_file import (
     READ_ERRORS,
     first_line,
+    key_diff,
     mismatch_line,
     open_clip_visual,
     read_weights,
@@ -173,14 +174,7 @@ def key_mismatches(
     model: torch.nn.Module, state: dict[str, torch.Tensor], examples: int = 4
 ) -> list[str]:
     """Missing, unexpected and mis-shaped keys of `state` against `model`, one line per kind."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k} {tuple(state[k].shape)} != {expected[k]}"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != expected[k]
-    )
+    missing, unexpected, shapes = key_diff(model, state, "{key} {found} != {expected}")
     return [
         f"{label} {len(keys)} (e.g. {', '.join(keys[:examples])})"
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))

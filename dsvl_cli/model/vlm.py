@@ -36,7 +36,8 @@ from transformers.modeling_outputs import ModelOutput
 from dsvl_cli.data.template import IGNORE_INDEX
 from dsvl_cli.errors import DataError
 from dsvl_cli.model.hf_compat import CACHE_NAME, cache_kwargs, output_cache, packed_causal_mask
-from dsvl_cli.model.mmca import IMAGE, PAD, TEXT, build_mmca_masks, sequence_positions
+from dsvl_cli.model.mmca import IMAGE, PAD, TEXT, build_mmca_masks
+from dsvl_cli.model.sequences import sequence_positions
 
 # The cache field carries the installed transformers' name for it (hf_compat.CACHE_NAME), so
 # `generate` finds it; read it with `hf_compat.output_cache`.

@@ -111,15 +111,26 @@ def open_clip_visual(
     return visual
 
 
-def mismatch_line(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
-    """One phrase on how `state` differs from `model`'s tensors (missing, unexpected, shapes)."""
+def key_diff(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], shape_format: str
+) -> tuple[list[str], list[str], list[str]]:
+    """Sorted (missing, unexpected, mis-shaped) keys of `state` against `model`'s tensors.
+
+    `shape_format` words a mis-shaped key, with fields `key`, `found` and `expected` (shapes).
+    """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
     shapes = sorted(
-        f"{k} {tuple(state[k].shape)} where {expected[k]} was expected"
+        shape_format.format(key=k, found=tuple(state[k].shape), expected=expected[k])
         for k in set(expected) & set(state)
         if tuple(state[k].shape) != expected[k]
+    )
+    return sorted(set(expected) - set(state)), sorted(set(state) - set(expected)), shapes
+
+
+def mismatch_line(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """One phrase on how `state` differs from `model`'s tensors (missing, unexpected, shapes)."""
+    missing, unexpected, shapes = key_diff(
+        model, state, "{key} {found} where {expected} was expected"
     )
     parts = [
         f"{len(keys)} {label} (e.g. {', '.join(keys[:_EXAMPLES])})"
