@@ -72,6 +72,23 @@ def init() -> None:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def shutdown() -> None:
+    """Destroy the process group (a no-op when none exists); every rank calls it as its job ends.
+
+    Exiting with a live gloo/nccl group leaves the backend's threads to static destructors, which
+    can abort a rank (SIGABRT, "terminate called without an active exception") after a run that
+    succeeded, so a launcher reports a failure.
+    """
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return
+    import deepspeed
+
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
 def barrier() -> None:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.barrier()
