@@ -6,6 +6,7 @@ itself), under the `deepspeed` launcher, and under `torchrun`.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from typing import Any
@@ -70,10 +71,13 @@ def init() -> None:
         return
     with skip_shm_comm_op():  # training never uses that op; building it costs minutes and g++
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    # The group lives as long as the process (DeepSpeed <0.19 caches group handles that a
+    # re-created group would not match), and ends before the interpreter's own teardown.
+    atexit.register(shutdown)
 
 
 def shutdown() -> None:
-    """Destroy the process group (a no-op when none exists); every rank calls it as its job ends.
+    """Destroy the process group (a no-op when none exists); registered by `init` to run at exit.
 
     Exiting with a live gloo/nccl group leaves the backend's threads to static destructors, which
     can abort a rank (SIGABRT, "terminate called without an active exception") after a run that

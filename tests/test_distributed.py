@@ -137,3 +137,24 @@ def test_two_ranks_packed_rows_take_the_same_steps(data: Path, tmp_path: Path) -
     )
     assert ranks[0] == ranks[1] and len(ranks[0]) == 2
     assert all(math.isfinite(loss) for loss in ranks[0])  # never both ranks on the skipped row
+
+
+def test_the_process_group_is_destroyed_before_the_interpreter_exits() -> None:
+    # A group left to C++ static destructors can abort a rank after a good run (SIGABRT,
+    # "terminate called without an active exception"): `dist.init` ends it at exit.
+    # Exit handlers run last-registered first, so this one runs after dsvl's.
+    code = (
+        "import atexit, torch.distributed as d\n"
+        "atexit.register(lambda: print('initialized at exit:', d.is_initialized()))\n"
+        "from dsvl_cli import dist\n"
+        "dist.init()\n"
+        "print('initialized:', d.is_initialized())\n"
+    )
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "initialized: True" in done.stdout
+    assert "initialized at exit: False" in done.stdout

@@ -379,8 +379,5 @@ def _seed(seed: int) -> None:
 
 
 def fit(config: Config) -> FitResult:
-    """Train a run from a validated config (see `Trainer`); the process group ends with it."""
-    try:
-        return Trainer(config).fit()
-    finally:
-        dist.shutdown()
+    """Train a run from a validated config (see `Trainer`)."""
+    return Trainer(config).fit()
