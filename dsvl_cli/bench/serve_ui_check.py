@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,8 +46,14 @@ class Browser:
         args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                 "--remote-debugging-pipe", f"--user-data-dir={profile}",
                 "--window-size=1000,900", "about:blank"]  # fmt: skip
+        # Its own process group: Chromium's helpers outlive a terminated parent and keep writing
+        # into the profile, so `close` ends the whole group.
         self.proc = subprocess.Popen(
-            args, preexec_fn=child_fds, close_fds=False, stderr=subprocess.DEVNULL
+            args,
+            preexec_fn=child_fds,
+            close_fds=False,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         os.close(cmd_read)
         os.close(res_write)
@@ -106,8 +114,25 @@ class Browser:
         path.write_bytes(base64.b64decode(data))
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        """End Chromium and every helper process it started (bounded: about 35 s at most)."""
+        self.session = None  # Browser.close is a browser-level command
+        with contextlib.suppress(OSError, RuntimeError):
+            self.call("Browser.close")  # a clean exit; the pipe may close before the reply
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                break  # no helper left in the group
+            time.sleep(0.1)
+        for fd in (self._cmd, self._res):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def ask_in_page(browser: Browser, question: str, images: Sequence[Path]) -> str:
