@@ -88,7 +88,7 @@ def shutdown() -> None:
     import deepspeed
 
     if deepspeed.comm.is_initialized():
-        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups
+        deepspeed.comm.destroy_process_group()  # DeepSpeed >=0.19 also drops its cached groups
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 

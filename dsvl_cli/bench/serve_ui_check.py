@@ -114,7 +114,7 @@ class Browser:
         path.write_bytes(base64.b64decode(data))
 
     def close(self) -> None:
-        """End Chromium and every helper process it started (bounded: about 35 s at most)."""
+        """End Chromium and every helper process it started (bounded: at most about 65 s)."""
         self.session = None  # Browser.close is a browser-level command
         with contextlib.suppress(OSError, RuntimeError):
             self.call("Browser.close")  # a clean exit; the pipe may close before the reply
