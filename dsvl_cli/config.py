@@ -155,6 +155,12 @@ class DataConfig(_Strict):
         description="keep processed images in memory, up to this many MiB per data-loading "
         "process (0: off); for data sets small enough to decode once",
     )
+    token_cache_mb: int = Field(
+        default=0,
+        ge=0,
+        description="keep tokenised conversations in memory, up to this many MiB per "
+        "data-loading process (0: off), so each is encoded once per run, not once per epoch",
+    )
     system_prompt: str | None = Field(
         default=None,
         description="system prompt of conversations without their own (None: DSVL's); stored "

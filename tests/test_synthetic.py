@@ -123,8 +123,9 @@ def _expected_answer(question: str, scenes: list[list[dict]], image_index: int) 
         return f"It is a {colour} {shape}."
     if m := re.fullmatch(r"Describe the (image|first image|second image)\.", question):
         scene = scenes[{"image": image_index, "first image": 0, "second image": 1}[m.group(1)]]
-        ordered = sorted(scene, key=lambda s: s["box"][0])  # left to right
-        return " and ".join(f"a {s['colour']} {s['shape']}" for s in ordered)
+        ordered = sorted(scene, key=lambda s: list(COLOURS).index(s["colour"]))  # colour order
+        shapes = " and ".join(f"a {s['colour']} {s['shape']}" for s in ordered)
+        return f"The {m.group(1)} shows {shapes}."
     m = re.fullmatch(r"Which image has a (\w+) (\w+), the first or the second\?", question)
     assert m, question
     has = [any((s["colour"], s["shape"]) == m.groups() for s in scene) for scene in scenes]
@@ -155,8 +156,14 @@ def test_scenes_match_the_pixels(dataset):
             kinds = [s["shape"] for s in scene]
             colours = [s["colour"] for s in scene]
             assert len(set(kinds)) == len(kinds) and len(set(colours)) == len(colours)
+            quadrants = set()
             for shape in scene:
                 x0, y0, x1, y1 = shape["box"]
+                # Each shape lies inside one quadrant (one 16-pixel vision patch), its own.
+                half = image.width // 2
+                quadrant = (x0 // half, y0 // half)
+                assert quadrant == (x1 // half, y1 // half) and quadrant not in quadrants
+                quadrants.add(quadrant)
                 centre = ((x0 + x1) // 2, (y0 + y1) // 2)
                 assert pixels.getpixel(centre) == COLOURS[shape["colour"]]
                 # A square fills its box corner, a circle and a triangle leave it empty.

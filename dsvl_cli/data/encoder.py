@@ -40,6 +40,7 @@ from dsvl_cli.data.template import (
     encode_prompt,
     tokenize_segments,
 )
+from dsvl_cli.data.token_cache import TokenCache
 from dsvl_cli.log import get_logger
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 SHOWN_IMAGE_TOKENS = 1  # `--show` has no vision encoder: each image run is one `<image>`
+Tokens = tuple[Tensor, Tensor, int]  # input ids [L], labels [L], images kept
 
 
 @dataclass
@@ -106,6 +108,7 @@ class SampleEncoder:
         system_prompt: the system prompt of conversations without their own
             (`data.system_prompt`); None means the template's default (DSVL's).
         pixel_cache: keeps transformed images in memory (`data.pixel_cache_mb`, training).
+        token_cache: keeps tokenised conversations in memory (`data.token_cache_mb`, training).
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -119,6 +122,7 @@ class SampleEncoder:
     max_round_tokens: int | None = None
     system_prompt: str | None = None
     pixel_cache: PixelCache | None = None
+    token_cache: TokenCache | None = None
 
     @classmethod
     def from_built(cls, built: Built, config: Config | None = None) -> SampleEncoder:
@@ -250,21 +254,33 @@ class SampleEncoder:
 
         Only the images of the rounds the template kept are loaded.
         """
-        encoded = self.encode(conv)
-        if isinstance(encoded, Skip):
-            return SkippedSample(conv.id, encoded.reason, encoded.detail)
+        if self.token_cache is None:
+            tokens = self._tokens(conv)
+        else:
+            tokens = self.token_cache.get(conv, partial(self._tokens, conv))
+        if isinstance(tokens, Skip):
+            return SkippedSample(conv.id, tokens.reason, tokens.detail)
+        input_ids, labels, num_images = tokens
         try:
-            pixels = self.pixels(conv.images[: encoded.num_images], root)
+            pixels = self.pixels(conv.images[:num_images], root)
         except (ImageLoadError, ImageRefError) as err:
             log.debug("sample %r skipped: %s", conv.id, err)
             return SkippedSample(conv.id, image_failure(err), str(err))
         return Sample(
-            input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),
-            labels=torch.tensor(encoded.labels, dtype=torch.long),
+            input_ids=input_ids,
+            labels=labels,
             pixel_values=pixels,
-            num_images=encoded.num_images,
+            num_images=num_images,
             id=conv.id,
         )
+
+    def _tokens(self, conv: Conversation) -> Tokens | Skip:
+        """`encode(conv)` as (input ids [L], labels [L], images kept), or its Skip."""
+        encoded = self.encode(conv)
+        if isinstance(encoded, Skip):
+            return encoded
+        input_ids = torch.tensor(encoded.input_ids, dtype=torch.long)
+        return input_ids, torch.tensor(encoded.labels, dtype=torch.long), encoded.num_images
 
     def supervision(self, conv: Conversation) -> list[tuple[str, bool]] | Skip:
         """`encode` as text pieces flagged "supervised" (`--show`), or the sample's `Skip`."""

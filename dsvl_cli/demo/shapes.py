@@ -1,9 +1,9 @@
 """Scenes of the synthetic shapes task: one or two coloured shapes drawn with PIL.
 
 Within a scene the shape types and the colours are distinct, so "the square" or "the red shape"
-names exactly one shape. Two shapes stand side by side (left, right), well apart from each other
-and from the edge; one shape is larger and centred. Pixels are exact (no anti-aliasing), so the
-recorded boxes can be checked against the image.
+names exactly one shape. Each shape fills about three quarters of its own quadrant of the image
+(random quadrants), apart from the other shape and from the edge. Pixels are exact (no
+anti-aliasing), so the recorded boxes can be checked against the image.
 """
 
 from __future__ import annotations
@@ -40,22 +40,26 @@ Scene = tuple[Shape, ...]
 
 
 def _layout(rng: Random, size: int, count: int) -> list[tuple[int, int, int, int]]:
-    """Boxes for `count` shapes: one large centred shape, or two side by side (left, right)."""
-    slot = size if count == 1 else size // 2
-    side = round(size * (0.6 if count == 1 else 0.4))
-    # Small jitter keeps a margin inside the slot, so shapes never touch each other or the edge.
-    jitter = max(0, min(size // 16, (slot - side) // 2 - 1))
+    """Boxes for `count` shapes, each inside its own quadrant (distinct quadrants, random).
+
+    A quadrant is `size // 2` pixels square, so with a vision patch of that size every shape lies
+    in exactly one patch: a patch token sees a whole shape and nothing else.
+    """
+    slot = size // 2
+    side = round(slot * 0.75)
+    # Small jitter keeps a margin inside the quadrant, so shapes never touch each other or the edge.
+    jitter = max(0, min(size // 32, (slot - side) // 2 - 1))
     boxes = []
-    for index in range(count):
-        cx = slot * index + slot // 2 + rng.randint(-jitter, jitter)
-        cy = size // 2 + rng.randint(-jitter, jitter)
+    for quadrant in rng.sample(range(4), count):
+        cx = slot * (quadrant % 2) + slot // 2 + rng.randint(-jitter, jitter)
+        cy = slot * (quadrant // 2) + slot // 2 + rng.randint(-jitter, jitter)
         x0, y0 = cx - side // 2, cy - side // 2
         boxes.append((x0, y0, x0 + side - 1, y0 + side - 1))
     return boxes
 
 
 def random_scene(rng: Random, size: int, exclude: tuple[str, str] | None = None) -> Scene:
-    """Draw 1-2 shapes with distinct types and colours, listed left to right.
+    """Draw 1-2 shapes with distinct types and colours, each in its own quadrant.
 
     Args:
         rng: the generator's random source.
@@ -75,8 +79,13 @@ def random_scene(rng: Random, size: int, exclude: tuple[str, str] | None = None)
 
 
 def describe(scene: Scene) -> str:
-    """The scene in words, left to right: "a red square and a blue circle"."""
-    ordered = sorted(scene, key=lambda shape: shape.box[0])
+    """The scene in words, colours in `COLOURS` order: "a red square and a blue circle".
+
+    Colour order rather than left-to-right: the order is then a fact about the objects, not a
+    spatial skill on top of the task.
+    """
+    rank = {colour: index for index, colour in enumerate(COLOURS)}
+    ordered = sorted(scene, key=lambda shape: rank[shape.colour])
     return " and ".join(f"a {shape.colour} {shape.kind}" for shape in ordered)
 
 

@@ -13,7 +13,8 @@ types (`meta["type"]`; the exact answer is `meta["answer"]`, `meta["kind"]` the 
   "In the second image, the circle is blue." (kind `colour`). Every answer is supervised;
   `meta["answer"]` is the last one.
 - `caption`: "Describe the image." (kind `one_image`) or, with two images, "Describe the second
-  image." (kind `one_of_two`) -> "a red square and a blue circle" (left to right).
+  image." (kind `one_of_two`) -> "The second image shows a red square and a blue circle." (shapes
+  in colour order: red, green, blue, yellow).
 
 Why answers restate the question: a model of two 64-wide layers learns to look a colour up from
 the shape name right before it ("the square is" -> red) within a few hundred steps, but learns to
@@ -49,7 +50,7 @@ from dsvl_cli.log import get_logger
 log = get_logger(__name__)
 
 GENERATOR = "dsvl-synthetic-shapes"
-GENERATOR_VERSION = 3  # bump whenever the same seed would draw different files
+GENERATOR_VERSION = 4  # bump whenever the same seed would draw different files
 SOURCE = "synthetic"
 
 QUESTION_TYPES: tuple[str, ...] = ("single", "two_image", "multi_round", "caption")
@@ -62,6 +63,7 @@ DEFAULT_MIX: dict[str, float] = {
 SHAPE_QUESTION_FRACTION = 0.5  # share of `single` samples asking "Which shape is {colour}?"
 TWO_IMAGE_CAPTION_FRACTION = 0.5  # share of `caption` samples describing one of two images
 ORDINALS = ("first", "second")
+DEMO_LM_LAYERS = 4  # binding a shape to its image needs more than two layers (see the README)
 OUTPUT_ENTRIES = frozenset({"images", "models", "train.jsonl", "eval.jsonl", "manifest.json"})
 
 Draft = tuple[list[str], list[Scene], str]  # (alternating user/assistant texts, scenes, kind)
@@ -129,10 +131,15 @@ def _multi_round(rng: Random, size: int, answer_index: int) -> Draft:
 def _caption(rng: Random, size: int, answer_index: int) -> Draft:
     if rng.random() < TWO_IMAGE_CAPTION_FRACTION:
         scenes = [random_scene(rng, size), random_scene(rng, size)]
-        turns = [f"Describe the {ORDINALS[answer_index]} image.", describe(scenes[answer_index])]
+        ordinal = ORDINALS[answer_index]
+        turns = [
+            f"Describe the {ordinal} image.",
+            f"The {ordinal} image shows {describe(scenes[answer_index])}.",
+        ]
         return _with_images(2, turns), scenes, "one_of_two"
     scene = random_scene(rng, size)
-    return _with_images(1, ["Describe the image.", describe(scene)]), [scene], "one_image"
+    turns = ["Describe the image.", f"The image shows {describe(scene)}."]
+    return _with_images(1, turns), [scene], "one_image"
 
 
 # Each builder takes (rng, image size, planned index of the image the answer is about; builders
@@ -290,8 +297,10 @@ def _build_models(models_dir: Path, texts: list[str], image_size: int, seed: int
     from dsvl_cli.demo.tiny_models import build_tiny_clip, build_tiny_lm, train_tiny_tokenizer
 
     tokenizer = train_tiny_tokenizer(texts)
-    build_tiny_lm(models_dir / "lm", tokenizer, seed=seed)
-    build_tiny_clip(models_dir / "vision", image_size=image_size, seed=seed)
+    build_tiny_lm(models_dir / "lm", tokenizer, layers=DEMO_LM_LAYERS, seed=seed)
+    # One patch per quadrant: each patch token sees one whole shape (see shapes._layout).
+    patch = image_size // 2
+    build_tiny_clip(models_dir / "vision", image_size=image_size, patch_size=patch, seed=seed)
     return {"lm": "models/lm", "vision": "models/vision", "vocab_size": len(tokenizer)}
 
 

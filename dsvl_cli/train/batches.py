@@ -27,7 +27,11 @@ from dsvl_cli.data.grouping import LengthGroupedSampler
 from dsvl_cli.data.packing import PackedCollator, PackedDataset, PackedRowSampler, encoded_lengths
 from dsvl_cli.data.pixel_cache import PixelCache
 from dsvl_cli.data.template import IGNORE_INDEX
+from dsvl_cli.data.token_cache import TokenCache
+from dsvl_cli.log import get_logger
 from dsvl_cli.model.builder import Built
+
+log = get_logger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,25 +50,43 @@ class EvalShard(Sampler[int]):
 
 
 def dataset(
-    config: Config, built: Built, split: Any, cache: PixelCache | None = None
+    config: Config,
+    built: Built,
+    split: Any,
+    cache: PixelCache | None = None,
+    tokens: TokenCache | None = None,
 ) -> ConversationDataset:
     """The tokenising, image-loading dataset of one blend split (the model's `SampleEncoder`)."""
     encoder = SampleEncoder.from_built(built, config)
-    if cache is not None:
-        encoder = replace(encoder, pixel_cache=cache)
+    encoder = replace(encoder, pixel_cache=cache, token_cache=tokens)
     return ConversationDataset(split.conversations, split.base_dirs, encoder)
 
 
-def pixel_cache(config: Config, built: Built, split: Any) -> PixelCache | None:
-    """The run's cache of processed training images (`data.pixel_cache_mb`; None when 0).
+def token_cache(config: Config) -> TokenCache | None:
+    """The run's cache of tokenised training conversations (`data.token_cache_mb`; None when 0).
 
-    `split` is any epoch's training split: every epoch reads the same images, only grouped
-    differently.
+    None too when a source groups conversations (`concat` > 1): its merged conversations are new
+    objects every epoch, so a cache keyed by conversation would never hit.
+    """
+    if not config.data.token_cache_mb:
+        return None
+    if any(spec.concat > 1 for spec in config.data.sources.values()):
+        log.info("token cache (data.token_cache_mb) off: a source groups samples (concat > 1)")
+        return None
+    return TokenCache(config.data.token_cache_mb)
+
+
+def pixel_cache(config: Config, built: Built, *splits: Any) -> PixelCache | None:
+    """The run's cache of processed images (`data.pixel_cache_mb`; None when 0).
+
+    `splits`: any epoch's training split (every epoch reads the same images, only grouped
+    differently), then the eval split (read at every evaluation); slots go in that order.
     """
     if not config.data.pixel_cache_mb or built.image_transform is None:
         return None
     keys = (
         (str(base), str(ref))
+        for split in splits
         for conv, base in zip(split.conversations, split.base_dirs, strict=True)
         for ref in conv.images
     )
@@ -78,13 +100,15 @@ def train_loader(
     split: Any,
     collator: Collator,
     cache: PixelCache | None = None,
+    tokens: TokenCache | None = None,
 ) -> DataLoader:
-    """This rank's shuffled, drop-last share of a training split (`cache`: see `pixel_cache`).
+    """This rank's shuffled, drop-last share of a training split (caches: see `pixel_cache`,
+    `token_cache`).
 
     Packed (`data.packing`), its batches are rows of conversations and `collator`'s pad id is
     used by a `PackedCollator`.
     """
-    data: Dataset = dataset(config, built, split, cache)
+    data: Dataset = dataset(config, built, split, cache, tokens)
     sampler = train_sampler(config, data)
     if config.data.packing:
         data = PackedDataset(data)
@@ -119,9 +143,16 @@ def train_sampler(config: Config, data: ConversationDataset) -> Sampler[Any] | N
     return LengthGroupedSampler(lengths, has_images, batch, config.data.seed, rank, world)
 
 
-def eval_loader(config: Config, built: Built, split: Any, collator: Collator) -> DataLoader:
+def eval_loader(
+    config: Config,
+    built: Built,
+    split: Any,
+    collator: Collator,
+    cache: PixelCache | None = None,
+    tokens: TokenCache | None = None,
+) -> DataLoader:
     """This rank's share of the eval split, in order, without padding duplicates."""
-    data = dataset(config, built, split)
+    data = dataset(config, built, split, cache, tokens)
     return DataLoader(
         data,
         batch_size=config.train.eval_batch_size,

@@ -118,8 +118,15 @@ def param_groups(model: nn.Module, config: Config) -> list[dict[str, Any]]:
     ]
 
 
-def build_optimizer(model: nn.Module, config: Config) -> Optimizer:
-    """AdamW over `param_groups` (DeepSpeedCPUAdam when the optimizer is offloaded to the CPU)."""
+def build_optimizer(
+    model: nn.Module, config: Config, device: torch.device | None = None
+) -> Optimizer:
+    """AdamW over `param_groups` (DeepSpeedCPUAdam when the optimizer is offloaded to the CPU).
+
+    On a CPU `device` torch's fused AdamW kernel is used: torch's CPU default is a Python loop
+    over parameters, ~5x slower per step for a model of many small tensors (the CPU demo). On
+    CUDA torch's own default (the multi-tensor path) is kept.
+    """
     groups = param_groups(model, config)
     if not groups:
         raise ConfigError(
@@ -132,6 +139,8 @@ def build_optimizer(model: nn.Module, config: Config) -> Optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if device is not None and device.type == "cpu":
+        kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)
 
 

@@ -118,7 +118,9 @@ class Trainer:
         self.grad_accum = gradient_accumulation_steps(config, self.world)
         first_split = self.blend.train_split(0)
         self.blend_report = blend_manifest(self.blend, 0, first_split)
-        self.pixel_cache = B.pixel_cache(config, self.built, first_split)
+        eval_split = self.blend.eval_split()
+        self.pixel_cache = B.pixel_cache(config, self.built, first_split, eval_split)
+        self.token_cache = B.token_cache(config)
         loader_batches = len(B.train_loader(config, self.built, first_split, self.collator))
         check_epoch_fits_a_step(config, self.world, loader_batches)
         # Incomplete accumulation windows at an epoch's end are dropped (see _run_epoch).
@@ -132,14 +134,15 @@ class Trainer:
         self.losses: list[float] = []
         self.last_checkpoint: str | None = None
         self.metrics: MetricsWriter | None = None
-        eval_split = self.blend.eval_split()
-        self.eval_loader = B.eval_loader(config, self.built, eval_split, self.collator)
+        self.eval_loader = B.eval_loader(
+            config, self.built, eval_split, self.collator, self.pixel_cache, self.token_cache
+        )
 
     def _engine(self, ds_config: dict[str, Any]) -> Any:
         import deepspeed
 
         model, config = self.built.model, self.config
-        optimizer = build_optimizer(model, config)
+        optimizer = build_optimizer(model, config, self.device)
         if dist.is_main():
             console.print(trainable_table(model, param_groups(model, config)))
         scheduler = build_scheduler(optimizer, config, self.total)
@@ -233,7 +236,9 @@ class Trainer:
         """Train one epoch (from the resume point); returns False when the last step is done."""
         cfg, state = self.config.train, self.state
         split = self.blend.train_split(epoch)
-        loader = B.train_loader(self.config, self.built, split, self.collator, self.pixel_cache)
+        loader = B.train_loader(
+            self.config, self.built, split, self.collator, self.pixel_cache, self.token_cache
+        )
         skip = state.batches_in_epoch if epoch == state.epoch else 0
         set_epoch(loader, epoch, skip_batches=skip)
         state.epoch, state.batches_in_epoch = epoch, skip
