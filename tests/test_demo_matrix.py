@@ -8,6 +8,7 @@ matrix. Faster tests of the same code path: test_e2e_cli.py (the commands) and t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,11 @@ def test_the_readme_chat_question_is_about_held_out_images_and_has_one_answer(
         for row in held_out
         for ref, scene in zip(row["images"], row["meta"]["scenes"], strict=True)
     }
-    has = [any((s["colour"], s["shape"]) == ("blue", "square") for s in scenes[n]) for n in names]
-    blues = [any(s["colour"] == "blue" for s in scenes[n]) for n in names]
-    squares = [any(s["shape"] == "square" for s in scenes[n]) for n in names]
-    assert has == [False, True] and blues == [True, True] and squares == [True, True]
+    colour, shape = re.fullmatch(r"Which image has a (\w+) (\w+), .*", matrix.CHAT_PROMPT).groups()
+    has = [any((s["colour"], s["shape"]) == (colour, shape) for s in scenes[n]) for n in names]
+    colours = [any(s["colour"] == colour for s in scenes[n]) for n in names]
+    shapes = [any(s["shape"] == shape for s in scenes[n]) for n in names]
+    assert has == [False, True] and colours == [True, True] and shapes == [True, True]
     assert matrix.CHAT_ANSWER.endswith("the second.")
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert matrix.CHAT_PROMPT in readme and f"--num {matrix.NUM}" in readme

@@ -53,7 +53,7 @@ def test_zero_stages_train_evaluate_and_export(shapes: Path, tmp_path: Path, sta
         }
     assert (tmp_path / "checkpoints").exists() or config.train.save_every > 3
     built = load_model_folder(tmp_path / "final")
-    assert built.model.tokens_per_image == 17
+    assert built.model.tokens_per_image == 5  # 2 x 2 patches of 16 pixels + CLS
     assert (tmp_path / "blend.json").is_file() and (tmp_path / "config.yaml").is_file()
 
 

@@ -88,7 +88,7 @@ def two_convs() -> list[Conversation]:
 
 def test_builder_loads_local_folders(shapes: Path) -> None:
     built = build(shapes)
-    assert built.model.tokens_per_image == 17
+    assert built.model.tokens_per_image == 5  # 2 x 2 patches of 16 pixels + CLS
     assert built.tokenizer.convert_tokens_to_ids("<image>") == built.model.image_token_id
     assert built.model.get_input_embeddings().num_embeddings == len(built.tokenizer)
 

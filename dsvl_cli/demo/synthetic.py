@@ -63,7 +63,6 @@ DEFAULT_MIX: dict[str, float] = {
 SHAPE_QUESTION_FRACTION = 0.5  # share of `single` samples asking "Which shape is {colour}?"
 TWO_IMAGE_CAPTION_FRACTION = 0.5  # share of `caption` samples describing one of two images
 ORDINALS = ("first", "second")
-DEMO_LM_LAYERS = 4  # binding a shape to its image needs more than two layers (see the README)
 OUTPUT_ENTRIES = frozenset({"images", "models", "train.jsonl", "eval.jsonl", "manifest.json"})
 
 Draft = tuple[list[str], list[Scene], str]  # (alternating user/assistant texts, scenes, kind)
@@ -297,7 +296,7 @@ def _build_models(models_dir: Path, texts: list[str], image_size: int, seed: int
     from dsvl_cli.demo.tiny_models import build_tiny_clip, build_tiny_lm, train_tiny_tokenizer
 
     tokenizer = train_tiny_tokenizer(texts)
-    build_tiny_lm(models_dir / "lm", tokenizer, layers=DEMO_LM_LAYERS, seed=seed)
+    build_tiny_lm(models_dir / "lm", tokenizer, seed=seed)
     # One patch per quadrant: each patch token sees one whole shape (see shapes._layout).
     patch = image_size // 2
     build_tiny_clip(models_dir / "vision", image_size=image_size, patch_size=patch, seed=seed)
