@@ -29,12 +29,12 @@ log = logging.getLogger("dsvl_cli.demo.matrix")
 # Held-out exact match each run must reach, per question type.
 GOALS = {"single": 0.95, "two_image": 0.90, "multi_round": 0.90, "caption": 0.95}
 NUM = 8000  # the README's `--num`
-CHAT_IMAGES = ("data/shapes/images/000614.png", "data/shapes/images/000615.png")
-# The README's chat question, about the two images of a held-out conversation (shapes-000386):
-# both images hold a red shape and a square, only the second a red square: colour alone or shape
-# alone cannot answer it.
-CHAT_PROMPT = "Which image has a red square, the first or the second?"
-CHAT_ANSWER = "The image with the red square is the second."
+CHAT_IMAGES = ("data/shapes/images/000811.png", "data/shapes/images/000812.png")
+# The README's chat question, about the two images of a held-out conversation (shapes-000495):
+# both images hold a blue shape and a square, only the second a blue square: colour alone or
+# shape alone cannot answer it.
+CHAT_PROMPT = "Which image has a blue square, the first or the second?"
+CHAT_ANSWER = "The image with the blue square is the second."
 
 
 @dataclass
