@@ -174,6 +174,26 @@ def test_build_optimizer_and_table(shapes: Path) -> None:
     assert f"{embed:,}" in text
 
 
+def test_cpu_training_uses_the_fused_adamw_kernel_with_the_same_updates() -> None:
+    tree = {"model": {"language_model": "x", "vision": {"path": "y"}}, "optim": {"lr": 0.1}}
+    config = validate_config(tree)
+    steps = []
+    for device in (None, torch.device("cpu")):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        optimizer = build_optimizer(model, config, device)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(2, 4)).square().sum().backward()
+            optimizer.step()
+        steps.append(
+            (optimizer.defaults["fused"], torch.cat([p.flatten() for p in model.parameters()]))
+        )
+    (plain_fused, plain), (cpu_fused, fused) = steps
+    assert not plain_fused and cpu_fused is True
+    torch.testing.assert_close(fused, plain)  # the same AdamW, another kernel
+
+
 def test_offload_uses_deepspeed_cpu_adam(monkeypatch: pytest.MonkeyPatch) -> None:
     import deepspeed.ops.adam
 

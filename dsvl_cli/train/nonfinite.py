@@ -105,11 +105,12 @@ def no_update(optimizer: Any, active: bool) -> Iterator[None]:
                 group["lr"] = lr
 
 
-def _count_nonfinite(tensors: list[torch.Tensor]) -> int:
+def count_nonfinite(tensors: list[torch.Tensor]) -> int:
     """How many of `tensors` hold a NaN or inf.
 
-    The common case (none) is one fused max-abs over all tensors (NaN and inf both propagate to
-    it) instead of a check and a host sync per tensor; only a bad verdict counts one by one.
+    The common case (none) costs one max-abs norm over all tensors and one host sync (NaN and
+    inf both propagate to it) instead of a check and a sync per tensor; only a bad verdict
+    counts one by one.
     """
     if not tensors:
         return 0
@@ -130,7 +131,7 @@ def check_after_step(
     raw = engine.get_global_grad_norm()
     norm = math.nan if raw is None else float(raw)
     params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters() if p.requires_grad]
-    bad = _count_nonfinite([p.detach() for p in params if p.numel()])
+    bad = count_nonfinite([p.detach() for p in params if p.numel()])
     norm_bad = raw is not None and not math.isfinite(norm)
     counts = torch.tensor([float(bad), float(norm_bad)], device=device)
     dist.all_reduce_max(counts)  # ZeRO-0/1/2 ranks hold the same copy: max, not sum
