@@ -301,10 +301,13 @@ def test_an_over_long_sample_is_planned_small_and_counted_as_skipped(shapes: Pat
     from dsvl_cli.data.packing import encoded_lengths
 
     built, config = build(shapes, True)
-    encoder = replace(SampleEncoder.from_built(built, config), max_seq_len=50)
-    convs = conversations()
+    plain, convs = SampleEncoder.from_built(built, config), conversations()
+    full = [len(plain.encode(c).input_ids) for c in convs]  # type: ignore[union-attr]
+    limit = max(full[1:])
+    assert full[0] > limit  # "a" (two images) is the longest: too long under `limit`
+    encoder = replace(plain, max_seq_len=limit)
     lengths = encoded_lengths(convs, encoder)
-    assert lengths[0] == 1 and all(1 < n <= 50 for n in lengths[1:])  # "a" is too long
+    assert lengths[0] == 1 and lengths[1:] == full[1:]
     items = [encoder.sample(c, shapes) for c in convs]
     batch = PackedCollator(built.tokenizer.pad_token_id)([items])
     assert batch.skipped == [("a", "too_long")] and batch.ids == ["b", "c", "d"]

@@ -157,7 +157,7 @@ def test_overflow_error_keeps_the_session(loaded: LoadedModel, shapes: Path) -> 
 def test_drop_oldest_renders_the_rest_as_a_fresh_conversation(
     loaded: LoadedModel, shapes: Path
 ) -> None:
-    session = ChatSession(loaded.built, SETTINGS, max_context=170, overflow="drop_oldest")
+    session = ChatSession(loaded.built, SETTINGS, max_context=140, overflow="drop_oldest")
     session.ask("What colour is the square?", [image(shapes, 0)])
     session.ask("And this one?", [image(shapes, 1)])
     reply = session.ask("And the last?", [image(shapes, 2)])
@@ -170,7 +170,7 @@ def test_drop_oldest_renders_the_rest_as_a_fresh_conversation(
     )
     assert session.history_ids == encoded.input_ids
     assert tok.decode(session.history_ids).count("### Image 1:") == 1
-    assert len(session.history_ids) <= 170 + 1  # room was made for max_new_tokens (+ EOS)
+    assert len(session.history_ids) <= 140 + 1  # room was made for max_new_tokens (+ EOS)
     # An interrupted round that needed a drop leaves the conversation and its cache as they were.
     rounds, history, cached = list(session.rounds), list(session.history_ids), session.cached_tokens
 
