@@ -22,12 +22,10 @@ answer a bare "red" to "What colour is the square?" (the shape name seven tokens
 the answer header) slowly and unreliably; the restated answers make the demo converge on 2 CPU
 cores in minutes. The captions teach shape features and which image is which.
 
-Why a quarter are captions, three quarters of them "Describe the first/second image": the slow
-skill is binding a shape to the right image (two-image questions, one-of-two captions); colours
-and single images come early. Measured on 2 cores (one thread, 14 epochs at lr 2e-3): with
-half of the captions about one of two images, seed 1 ended with captions at 91.0 % (a shape
-word taken from the other image, which held the same colour); with three quarters, seeds 1 and
-2 ended at 100 % captions and 98.3 % / 90.4 % two-image questions.
+Why a quarter are captions, three quarters of them "Describe the first/second image": binding
+a shape to its image is the slow skill. On 2 cores (one thread, 14 epochs at lr 2e-3) with half
+of them, seed 1's captions ended at 91.0 % (a shape word from the other image, which held the
+same colour); with three quarters, seeds 1 and 2 ended at 100 % (two-image 98.3 / 90.4 %).
 
 `meta["scenes"]` records every drawn shape (type, colour, pixel box) per image, so answers can be
 checked against the pixels. Output is byte-identical for a given seed and arguments.
