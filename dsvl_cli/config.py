@@ -158,8 +158,8 @@ class DataConfig(_Strict):
     token_cache_mb: int = Field(
         default=0,
         ge=0,
-        description="keep tokenised conversations in memory, up to this many MiB per "
-        "data-loading process (0: off), so each is encoded once per run, not once per epoch",
+        description="keep tokenised conversations in memory, up to this many MiB (0: off), so "
+        "each is encoded once per run, not once per epoch; needs data.workers 0",
     )
     system_prompt: str | None = Field(
         default=None,

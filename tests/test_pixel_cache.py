@@ -59,7 +59,7 @@ def test_the_bound_holds_and_images_past_it_are_processed_each_time(
     with caplog.at_level("INFO", logger="dsvl_cli"):
         cache = PixelCache(keys(shapes, refs), encoder.image_shape, 1, shared=False)
     assert cache.pixels.shape[0] == room and cache.pixels.nbytes <= MB
-    assert any(f"{room} of {room + 3} training images" in r.getMessage() for r in caplog.records)
+    assert any(f"{room} of {room + 3} images" in r.getMessage() for r in caplog.records)
     cached = replace(encoder, pixel_cache=cache)
     first = cached.pixels(IMAGES, shapes)
     second = cached.pixels(IMAGES, shapes)

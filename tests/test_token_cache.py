@@ -84,10 +84,13 @@ def test_no_cache_when_off_or_when_a_source_groups_samples(shapes: Path, tmp_pat
     assert isinstance(batches.token_cache(config("data.token_cache_mb=8")), TokenCache)
     grouped = config("data.token_cache_mb=8", "data.sources.synthetic.concat=2")
     assert batches.token_cache(grouped) is None  # merged conversations are new every epoch
+    workers = config("data.token_cache_mb=8", "data.workers=1")
+    assert batches.token_cache(workers) is None  # each worker's copy would die unused
 
 
+@pytest.mark.parametrize("grouping", [[], ["data.group_by_length=true"]], ids=["plain", "grouped"])
 def test_training_with_the_cache_computes_the_same_losses(
-    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grouping: list[str]
 ) -> None:
     encoded = {"count": 0}
     original = SampleEncoder.encode
@@ -100,7 +103,7 @@ def test_training_with_the_cache_computes_the_same_losses(
 
     def run(name: str, *extra: str) -> tuple[list[float], float | None, int]:
         encoded["count"] = 0
-        overrides = tiny_overrides(shapes, tmp_path / name, "data.workers=0", *extra)
+        overrides = tiny_overrides(shapes, tmp_path / name, "data.workers=0", *grouping, *extra)
         overrides += ["train.epochs=3", "data.eval_file=eval.jsonl"]
         result = fit(load_config(RECIPE, overrides))
         return result.losses, result.eval_loss, encoded["count"]
@@ -108,5 +111,9 @@ def test_training_with_the_cache_computes_the_same_losses(
     plain, plain_eval, plain_count = run("plain", "data.token_cache_mb=0")
     cached, cached_eval, cached_count = run("cached", "data.token_cache_mb=8")
     assert plain == cached and len(plain) == 6 and plain_eval == cached_eval  # 2 steps x 3
-    # Training and eval conversations are encoded once each, instead of once per pass.
-    assert 0 < cached_count < plain_count
+    # Training and eval conversations are encoded once each per run (lengths included), instead
+    # of once per pass.
+    conversations = sum(
+        len((shapes / name).read_text().splitlines()) for name in ("train.jsonl", "eval.jsonl")
+    )
+    assert cached_count == conversations < plain_count

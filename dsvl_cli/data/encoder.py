@@ -254,10 +254,7 @@ class SampleEncoder:
 
         Only the images of the rounds the template kept are loaded.
         """
-        if self.token_cache is None:
-            tokens = self._tokens(conv)
-        else:
-            tokens = self.token_cache.get(conv, partial(self._tokens, conv))
+        tokens = self.tokens(conv)
         if isinstance(tokens, Skip):
             return SkippedSample(conv.id, tokens.reason, tokens.detail)
         input_ids, labels, num_images = tokens
@@ -273,6 +270,13 @@ class SampleEncoder:
             num_images=num_images,
             id=conv.id,
         )
+
+    def tokens(self, conv: Conversation) -> Tokens | Skip:
+        """(input ids [L], labels [L], images kept) of `conv`, or its Skip; from the token cache
+        when this encoder has one (`data.token_cache_mb`)."""
+        if self.token_cache is None:
+            return self._tokens(conv)
+        return self.token_cache.get(conv, partial(self._tokens, conv))
 
     def _tokens(self, conv: Conversation) -> Tokens | Skip:
         """`encode(conv)` as (input ids [L], labels [L], images kept), or its Skip."""

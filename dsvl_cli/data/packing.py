@@ -42,8 +42,8 @@ def encoded_lengths(conversations: Sequence[Conversation], encoder: SampleEncode
     """Token length of each conversation as the encoder renders it (1 for a refused sample)."""
     lengths = []
     for conv in conversations:
-        encoded = encoder.encode(conv)
-        lengths.append(1 if isinstance(encoded, Skip) else len(encoded.input_ids))
+        tokens = encoder.tokens(conv)  # the token cache's entry when there is one
+        lengths.append(1 if isinstance(tokens, Skip) else len(tokens[0]))
     return lengths
 
 

@@ -1,8 +1,9 @@
-"""`PixelCache`: processed training images kept in memory, so each is decoded once per run.
+"""`PixelCache`: processed images kept in memory, so each is decoded once per run.
 
-Every epoch re-reads, decodes and re-runs the image processor on the same files; for a small data
-set (the CPU demo: 12,600 images of 3 x 32 x 32 floats, 150 MB) that is a fifth of a CPU step.
-The trainer builds one cache for the whole run from the training images it will read
+Every epoch (and every evaluation) re-reads, decodes and re-runs the image processor on the same
+files; for a small data set (the CPU demo: 13,100 images of 3 x 32 x 32 floats, 160 MB) that was
+a fifth of a CPU step. The trainer builds one cache for the whole run from the training images
+it will read, then the eval images
 (`data.pixel_cache_mb` bounds it): one slot per distinct image, in first-seen order, until the
 bound; images past it are processed each time as before. With DataLoader workers the slots live
 in shared memory, so every worker fills and reads the same slots and they survive the per-epoch
@@ -70,7 +71,7 @@ class PixelCache:
             self.filled.share_memory_()
         self.hits = self.misses = 0
         log.info(
-            "pixel cache (data.pixel_cache_mb): %d of %d training images, %.0f MB%s",
+            "pixel cache (data.pixel_cache_mb): %d of %d images, %.0f MB%s",
             count,
             len(distinct),
             count * per_image / MB,

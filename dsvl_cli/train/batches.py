@@ -63,15 +63,22 @@ def dataset(
 
 
 def token_cache(config: Config) -> TokenCache | None:
-    """The run's cache of tokenised training conversations (`data.token_cache_mb`; None when 0).
+    """The run's cache of tokenised training and eval conversations (`data.token_cache_mb`).
 
-    None too when a source groups conversations (`concat` > 1): its merged conversations are new
-    objects every epoch, so a cache keyed by conversation would never hit.
+    None when it is 0, and when it could never hit: with DataLoader workers (`data.workers` > 0:
+    each worker fills its own copy and the workers are re-created per epoch and evaluation) or
+    when a source groups conversations (`concat` > 1: merged conversations are new objects every
+    epoch). Both are logged.
     """
     if not config.data.token_cache_mb:
         return None
-    if any(spec.concat > 1 for spec in config.data.sources.values()):
-        log.info("token cache (data.token_cache_mb) off: a source groups samples (concat > 1)")
+    why = None
+    if config.data.workers > 0:
+        why = "data.workers > 0: each loader process would fill its own copy, never reused"
+    elif any(spec.concat > 1 for spec in config.data.sources.values()):
+        why = "a source groups samples (concat > 1): its merged conversations are new each epoch"
+    if why is not None:
+        log.warning("token cache (data.token_cache_mb) off: %s", why)
         return None
     return TokenCache(config.data.token_cache_mb)
 

@@ -124,8 +124,10 @@ def build_optimizer(
     """AdamW over `param_groups` (DeepSpeedCPUAdam when the optimizer is offloaded to the CPU).
 
     On a CPU `device` torch's fused AdamW kernel is used: torch's CPU default is a Python loop
-    over parameters, ~5x slower per step for a model of many small tensors (the CPU demo). On
-    CUDA torch's own default (the multi-tensor path) is kept.
+    over parameters, 3-5x slower per step for a model of many small tensors (the CPU demo). On
+    CUDA torch's own default (the multi-tensor path) is kept. A resumed run keeps the choice
+    stored in its checkpoint (DeepSpeed restores the optimizer's groups); both give the same
+    updates.
     """
     groups = param_groups(model, config)
     if not groups:

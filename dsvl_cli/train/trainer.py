@@ -121,7 +121,10 @@ class Trainer:
         eval_split = self.blend.eval_split()
         self.pixel_cache = B.pixel_cache(config, self.built, first_split, eval_split)
         self.token_cache = B.token_cache(config)
-        loader_batches = len(B.train_loader(config, self.built, first_split, self.collator))
+        first_loader = B.train_loader(
+            config, self.built, first_split, self.collator, self.pixel_cache, self.token_cache
+        )
+        loader_batches = len(first_loader)
         check_epoch_fits_a_step(config, self.world, loader_batches)
         # Incomplete accumulation windows at an epoch's end are dropped (see _run_epoch).
         self.steps_per_epoch = loader_batches // self.grad_accum
