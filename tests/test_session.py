@@ -136,10 +136,21 @@ def test_interrupted_round_leaves_the_session_intact(loaded: LoadedModel, shapes
 
 
 def test_streamed_pieces_make_the_answer(loaded: LoadedModel, shapes: Path) -> None:
-    session = ChatSession.from_loaded(loaded, SETTINGS)
-    session.ask("What colour is the square?", [image(shapes, 0)])
-    pieces: list[str] = []
-    reply = session.ask("And these two?", [image(shapes, 1), image(shapes, 2)], pieces.append)
+    # Favour the space-led words, so the random model's answer has several words to stream
+    # (left alone it may answer one run of letters, "squareblue....", a single piece).
+    head, tok = loaded.model.get_output_embeddings(), loaded.built.tokenizer
+    saved = head.bias.detach().clone()
+    with torch.no_grad():
+        for word in (" the", " first", " second", " circle", " square"):
+            head.bias[tok(word, add_special_tokens=False)["input_ids"]] += 3.0
+    try:
+        session = ChatSession.from_loaded(loaded, SETTINGS)
+        session.ask("What colour is the square?", [image(shapes, 0)])
+        pieces: list[str] = []
+        reply = session.ask("And these two?", [image(shapes, 1), image(shapes, 2)], pieces.append)
+    finally:
+        with torch.no_grad():
+            head.bias.copy_(saved)
     assert len(pieces) >= 2 and "".join(pieces).strip() == reply.text != ""
 
 
