@@ -52,7 +52,7 @@ class TokenCache(Generic[T]):
     def get(self, conv: Conversation, make: Callable[[], T]) -> T:
         """The encoding of `conv`: cached, or `make()` (stored while the budget allows)."""
         entry = self.entries.get(id(conv))
-        if entry is not None and entry[0] is conv:
+        if entry is not None:  # the entry holds `conv`, so its id cannot belong to another object
             self.hits += 1
             return entry[1]
         self.misses += 1
